@@ -1,0 +1,91 @@
+"""The AI side shared by all pipelines of a process: one model, one batcher,
+one scorer. Turns a closed segment's sampled frames into the moderation part
+of its record."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .config import Settings
+from .errors import ModelError
+from .inference.batcher import InferenceBatcher
+from .inference.clip import ClipModel
+from .media.segmenter import fmt_time
+from .moderation.categories import CATEGORY_NAMES
+from .moderation.scoring import ModerationScorer, scores_dict, violations
+from .schemas import ContentModeration, FlaggedFrame
+
+
+def resolve_model_dir(settings: Settings, override: str | None = None) -> Path:
+    path = override or settings.model.path
+    return Path(path) if path else settings.data_dir / "models" / "default"
+
+
+class Analyzer:
+    def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.scorer = scorer
+        self._text_tokens = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, settings: Settings, model_dir: Path) -> "Analyzer":
+        cache = settings.data_dir / "cache"
+        model = ClipModel(model_dir, settings.model, cache)
+        batcher = InferenceBatcher(model.encode_images, max_batch=settings.inference.max_batch,
+                                   max_wait=settings.inference.max_wait_ms / 1000)
+        return cls(model, batcher, ModerationScorer(model, cache))
+
+    def prepare(self) -> None:
+        """Encode (or load cached) prompt embeddings; blocking, call off-loop."""
+        tokens = self.scorer.prepare()
+        with self._lock:
+            self._text_tokens += tokens
+
+    def take_text_tokens(self) -> int:
+        """Prompt tokens encoded since the last call: charged to one segment."""
+        with self._lock:
+            tokens, self._text_tokens = self._text_tokens, 0
+            return tokens
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.model.tokens_per_image
+
+    def submit(self, crop: np.ndarray) -> Future:
+        return self.batcher.submit(crop)
+
+    async def moderate(self, frames: list[tuple[Fraction, Future]], threshold: float) -> ContentModeration:
+        if not frames:
+            return ContentModeration(has_unsafe_content=False, frames_processed=0, violations=[],
+                                     scores=scores_dict(np.zeros(len(CATEGORY_NAMES))),
+                                     flagged_frames=[])
+        try:
+            embeddings = np.stack([await asyncio.wrap_future(f) for _, f in frames])
+        except Exception as exc:
+            raise ModelError(f"inference failed: {exc}") from None
+        per_frame = self.scorer.score(embeddings)
+        segment_scores = scores_dict(per_frame.max(axis=0))
+        flagged = []
+        for i, ((t, _), row) in enumerate(zip(frames, per_frame)):
+            hits = violations(scores_dict(row), threshold)
+            if hits:
+                flagged.append(FlaggedFrame(frame_index=i, time=fmt_time(t), violations=hits))
+        seg_violations = violations(segment_scores, threshold)
+        return ContentModeration(has_unsafe_content=bool(seg_violations), frames_processed=len(frames),
+                                 violations=seg_violations, scores=segment_scores, flagged_frames=flagged)
+
+    def close(self) -> None:
+        self.batcher.close()
+

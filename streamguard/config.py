@@ -1,0 +1,143 @@
+"""Settings: one typed object, loaded from TOML, overridden by STREAMGUARD_* env vars.
+
+Precedence (lowest to highest): built-in defaults < config file < environment
+< command-line flags. `STREAMGUARD_SERVER__PORT=9000` sets `server.port`:
+the double underscore separates the path, so setting names may keep single
+underscores (`STREAMGUARD_DELIVERY__ALLOW_PRIVATE=true`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ConfigError
+
+ENV_PREFIX = "STREAMGUARD_"
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+PosFloat = Annotated[float, Meta(gt=0)]
+Fps = Annotated[int, Meta(ge=1, le=30)]
+SegmentSeconds = Annotated[int, Meta(ge=1, le=60)]
+Threshold = Annotated[float, Meta(ge=0, le=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Section, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    # Public base URL used in video_url/playlist_url; empty = http://host:port.
+    public_url: str = ""
+
+
+class StorageSettings(_Section, kw_only=True):
+    data_dir: str = "./var"
+    retention_days: Annotated[float, Meta(gt=0)] = 3.0
+
+
+class ModelSettings(_Section, kw_only=True):
+    # Model bundle directory (manifest.json + ONNX files). Empty = the test
+    # bundle under <data_dir>/models/test, built on first use.
+    path: str = ""
+    # auto = TensorRT -> CUDA -> CPU, whichever this machine can run.
+    providers: Literal["auto", "tensorrt", "cuda", "cpu"] = "auto"
+    # fp16 on GPU providers (ignored on CPU, where fp16 is slower).
+    fp16: bool = True
+    # ONNX Runtime intra-op threads on CPU; 0 = number of cores.
+    cpu_threads: Annotated[int, Meta(ge=0)] = 0
+
+
+class InferenceSettings(_Section, kw_only=True):
+    # One batcher serves every pipeline in the process: frames from all
+    # streams are stacked up to max_batch or until max_wait_ms has passed.
+    max_batch: Annotated[int, Meta(ge=1, le=1024)] = 32
+    max_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 20.0
+
+
+class PipelineSettings(_Section, kw_only=True):
+    segment_seconds: SegmentSeconds = 5
+    fps: Fps = 1
+    threshold: Threshold = 0.30
+    # Seconds to wait for an input to open, and for each read once open.
+    open_timeout: PosFloat = 10.0
+    read_timeout: PosFloat = 10.0
+    # Decoder threads per stream; 1 scales best with many concurrent streams.
+    decode_threads: Annotated[int, Meta(ge=0, le=64)] = 1
+
+
+class Settings(_Section, kw_only=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    model: ModelSettings = msgspec.field(default_factory=ModelSettings)
+    inference: InferenceSettings = msgspec.field(default_factory=InferenceSettings)
+    pipeline: PipelineSettings = msgspec.field(default_factory=PipelineSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir)
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Env values are TOML literals when they parse as one (9000, true, [..]), else strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        if len(path) < 2:
+            continue  # not a setting (e.g. STREAMGUARD_CONFIG)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from file + env + explicit overrides, validating every value."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = path or environ.get("STREAMGUARD_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = _merge(data, env_overrides(environ))
+    data = _merge(data, overrides or {})
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

@@ -1,0 +1,46 @@
+"""Typed errors. Each carries the wire code and HTTP status it maps to, so the
+API layer turns any of them into the error envelope in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StreamGuardError(Exception):
+    code = "STREAMGUARD_INTERNAL"
+    http_status = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class ConfigError(StreamGuardError):
+    code = "STREAMGUARD_CONFIG_INVALID"
+
+
+class InputInvalid(StreamGuardError):
+    code = "STREAMGUARD_INPUT_INVALID"
+    http_status = 400
+
+
+class ModelError(StreamGuardError):
+    code = "STREAMGUARD_MODEL_ERROR"
+    http_status = 503
+
+
+class MediaError(StreamGuardError):
+    """The input could not be opened or read as video."""
+
+    code = "STREAMGUARD_MEDIA_UNREADABLE"
+    http_status = 422
+
+
+class SourceTimeout(MediaError):
+    code = "STREAMGUARD_SOURCE_TIMEOUT"
+
+
+class DownloadError(StreamGuardError):
+    code = "STREAMGUARD_DOWNLOAD_FAILED"
+    http_status = 502

@@ -1,0 +1,169 @@
+"""The deterministic test bundle: a CLIP-shaped pair of ONNX encoders with a
+planted behaviour, so the whole pipeline can be tested without real weights.
+
+Planted behaviour, through the project's own prompts and scoring: a frame that
+is mostly saturated red (R >= 200, G and B <= 40) embeds next to the
+`violence` prompts, any other frame next to the safe prompts. It is a test
+device for the pipeline, not a model.
+
+How: the text encoder sums per-token vectors. Each word that occurs in the
+prompts of exactly one group (a category, or the safe set) points along that
+group's axis; shared words ("a", "photo") are zero. The visual encoder measures
+the fraction of saturated-red pixels and blends two fixed embeddings with a
+steep sigmoid around 50%.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..moderation.categories import MODERATION_CATEGORIES, SAFE_PROMPTS
+from .bundle import EncoderSpec, FileEntry, Manifest, TextEncoderSpec, TokenizerSpec, sha256_file, write_manifest
+
+EMBED_DIM = 32
+IMAGE_SIZE = 224
+CONTEXT = 77
+SPECIALS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def _groups() -> list[tuple[str, tuple[str, ...]]]:
+    groups = [(c.name, c.prompts) for c in MODERATION_CATEGORIES]
+    groups.append(("__safe__", SAFE_PROMPTS))
+    return groups
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _build_tokenizer(vocab: dict[str, int], path: Path) -> None:
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
+    )
+    tok.save(str(path))
+
+
+def _text_model(table: np.ndarray, path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Gather", ["token_embedding", "input_ids"], ["tok"], axis=0),
+        helper.make_node("ReduceSum", ["tok", "axis1"], ["text_embeds"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "streamguard_test_text",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", CONTEXT])],
+        [helper.make_tensor_value_info("text_embeds", TensorProto.FLOAT, ["batch", EMBED_DIM])],
+        initializer=[numpy_helper.from_array(table.astype(np.float32), "token_embedding"),
+                     numpy_helper.from_array(np.array([1], np.int64), "axis1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="streamguard", ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, value) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+    sharp = 300.0  # per-pixel threshold steepness (in 0..1 units)
+    inits = [
+        const("std", np.asarray(std).reshape(1, 3, 1, 1)),
+        const("mean", np.asarray(mean).reshape(1, 3, 1, 1)),
+        const("r_lo", 200 / 255), const("gb_hi", 40 / 255), const("sharp", sharp),
+        const("half", 0.5), const("majority_sharp", 200.0), const("one", 1.0),
+        const("red_embed", red.reshape(1, -1)), const("other_embed", other.reshape(1, -1)),
+        numpy_helper.from_array(np.array([0, 1, 2], np.int64), "ch_idx"),
+        numpy_helper.from_array(np.array([-1, 1], np.int64), "shape_n1"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Mul", ["pixel_values", "std"], ["xs"]),
+        n("Add", ["xs", "mean"], ["rgb"]),  # back to 0..1 RGB
+        n("Split", ["rgb"], ["R", "G", "B"], axis=1),
+        n("Sub", ["R", "r_lo"], ["r_d"]), n("Mul", ["r_d", "sharp"], ["r_s"]), n("Sigmoid", ["r_s"], ["pr"]),
+        n("Sub", ["gb_hi", "G"], ["g_d"]), n("Mul", ["g_d", "sharp"], ["g_s"]), n("Sigmoid", ["g_s"], ["pg"]),
+        n("Sub", ["gb_hi", "B"], ["b_d"]), n("Mul", ["b_d", "sharp"], ["b_s"]), n("Sigmoid", ["b_s"], ["pb"]),
+        n("Mul", ["pr", "pg"], ["prg"]), n("Mul", ["prg", "pb"], ["p"]),
+        n("ReduceMean", ["p"], ["frac4"], axes=[1, 2, 3], keepdims=1),
+        n("Reshape", ["frac4", "shape_n1"], ["frac"]),
+        n("Sub", ["frac", "half"], ["f_d"]), n("Mul", ["f_d", "majority_sharp"], ["f_s"]),
+        n("Sigmoid", ["f_s"], ["m"]),
+        n("Sub", ["one", "m"], ["not_m"]),
+        n("Mul", ["m", "red_embed"], ["e_red"]), n("Mul", ["not_m", "other_embed"], ["e_other"]),
+        n("Add", ["e_red", "e_other"], ["image_embeds"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "streamguard_test_visual",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE])],
+        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["batch", EMBED_DIM])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="streamguard", ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def make_test_bundle(out_dir: Path) -> Manifest:
+    """Write the test bundle to out_dir (created if needed) and return its manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = _groups()
+    axis = {name: i for i, (name, _) in enumerate(groups)}
+
+    owners: dict[str, set[str]] = {}
+    for name, prompts in groups:
+        for prompt in prompts:
+            for word in _words(prompt):
+                owners.setdefault(word, set()).add(name)
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for word in sorted(owners):
+        vocab[word] = len(vocab)
+
+    table = np.zeros((len(vocab), EMBED_DIM), np.float32)
+    for word, groups_of_word in owners.items():
+        if len(groups_of_word) == 1:
+            table[vocab[word], axis[next(iter(groups_of_word))]] = 1.0
+    for name, prompts in groups:  # every prompt must carry its group's signal
+        for prompt in prompts:
+            if not any(len(owners[w]) == 1 for w in _words(prompt)):
+                raise ValueError(f"test model: prompt {prompt!r} of {name} has no word unique to its group")
+
+    safe = np.zeros(EMBED_DIM, np.float32)
+    safe[axis["__safe__"]] = 1.0
+    violence = np.zeros(EMBED_DIM, np.float32)
+    violence[axis["violence"]] = 1.0
+    # A red frame leans towards the safe axis a little, so it scores ~0 for
+    # every category but violence (instead of 1/(1+#safe) for unrelated ones).
+    red_embed = violence + 0.3 * safe
+
+    manifest = Manifest(
+        name="streamguard-test", description="deterministic CLIP-shaped test bundle (not a model)",
+        image_size=IMAGE_SIZE, embedding_dim=EMBED_DIM, tokens_per_image=50, logit_scale=100.0,
+        visual=EncoderSpec(file="visual.onnx", input="pixel_values", output="image_embeds"),
+        text=TextEncoderSpec(file="textual.onnx", input="input_ids", output="text_embeds"),
+        tokenizer=TokenizerSpec(file="tokenizer.json", context_length=CONTEXT, pad_id=vocab["<pad>"]),
+    )
+    _visual_model(red_embed, safe, manifest.mean, manifest.std, out_dir / "visual.onnx")
+    _text_model(table, out_dir / "textual.onnx")
+    _build_tokenizer(vocab, out_dir / "tokenizer.json")
+    for name in ("visual.onnx", "textual.onnx", "tokenizer.json"):
+        path = out_dir / name
+        manifest.files[name] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    write_manifest(out_dir, manifest)
+    return manifest

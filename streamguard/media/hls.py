@@ -1,0 +1,156 @@
+"""HLS output (CONTRACT §5): per task/job a `master.m3u8`, `thumbnail.jpg` and
+one folder per rendition with `playlist.m3u8` and `segment_NNN.ts`.
+
+The `source` rendition is a remux: packets are copied into one MPEG-TS file
+per moderation segment, so HLS segments and moderation segments are the same
+cut. The media playlist is rewritten atomically after each segment, so a live
+player always sees a valid, growing playlist; `#EXT-X-ENDLIST` closes it.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+
+from .segmenter import Segment
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def segment_name(index: int) -> str:
+    return f"segment_{index:03d}.ts"
+
+
+@dataclass
+class PlaylistEntry:
+    index: int
+    duration: float
+    size: int
+
+
+def _avc_codec_string(extradata: bytes | None) -> str | None:
+    # avcC box: version, profile_idc, constraint flags, level_idc
+    if extradata and len(extradata) >= 4 and extradata[0] == 1:
+        return f"avc1.{extradata[1]:02x}{extradata[2]:02x}{extradata[3]:02x}"
+    return None
+
+
+def codecs_attribute(video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None) -> str | None:
+    if video.codec_context.name != "h264":
+        return None
+    vcodec = _avc_codec_string(video.codec_context.extradata)
+    if vcodec is None:
+        return None
+    if audio is None:
+        return vcodec
+    if audio.codec_context.name == "aac":
+        return f"{vcodec},mp4a.40.2"
+    return None
+
+
+class SourceRendition:
+    """Remuxes the input's packets into per-segment MPEG-TS files."""
+
+    name = "source"
+
+    def __init__(self, task_dir: Path, video: av.video.stream.VideoStream,
+                 audio: av.audio.stream.AudioStream | None, segment_seconds: int) -> None:
+        self.dir = task_dir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.video_in, self.audio_in = video, audio
+        self.segment_seconds = segment_seconds
+        self.entries: list[PlaylistEntry] = []
+        self._out: av.container.OutputContainer | None = None
+        self._map: dict[int, av.stream.Stream] = {}
+        self._index = -1
+        self.width, self.height = video.codec_context.width, video.codec_context.height
+
+    def open_segment(self, index: int) -> None:
+        self._index = index
+        self._out = av.open(str(self.dir / segment_name(index)), mode="w", format="mpegts")
+        self._map = {}
+        for stream in (self.video_in, self.audio_in):
+            if stream is not None:
+                out = self._out.add_stream_from_template(stream)
+                self._map[stream.index] = out
+
+    def write(self, packet: av.Packet) -> None:
+        if self._out is None:
+            self.open_segment(self._index + 1)
+        assert self._out is not None
+        # Muxing rescales the packet and takes its data; the sampler may still
+        # hold this packet for a later lazy decode, so mux a copy.
+        copy = av.Packet(packet)
+        copy.pts, copy.dts, copy.duration = packet.pts, packet.dts, packet.duration
+        copy.time_base, copy.is_keyframe = packet.time_base, packet.is_keyframe
+        copy.stream = self._map[packet.stream.index]
+        self._out.mux(copy)
+
+    def close_segment(self, segment: Segment) -> None:
+        if self._out is None:
+            return
+        self._out.close()
+        self._out = None
+        path = self.dir / segment_name(segment.index)
+        self.entries.append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size))
+        self.write_playlist(ended=False)
+
+    def abort(self) -> None:
+        if self._out is not None:
+            try:
+                self._out.close()
+            except av.error.FFmpegError:
+                pass
+            self._out = None
+
+    def peak_bandwidth(self) -> int:
+        rates = [e.size * 8 / e.duration for e in self.entries if e.duration > 0]
+        return int(max(rates)) if rates else 0
+
+    def write_playlist(self, *, ended: bool) -> None:
+        longest = max((e.duration for e in self.entries), default=0.0)
+        target = max(self.segment_seconds, math.ceil(longest))
+        lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{target}",
+                 f"#EXT-X-MEDIA-SEQUENCE:{self.entries[0].index if self.entries else 0}",
+                 "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]
+        for e in self.entries:
+            lines += [f"#EXTINF:{e.duration:.3f},", segment_name(e.index)]
+        if ended:
+            lines.append("#EXT-X-ENDLIST")
+        atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
+
+
+def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None) -> None:
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    for r in renditions:
+        bandwidth = r.peak_bandwidth() or 1_000_000  # estimate until a segment is measured
+        attrs = [f"BANDWIDTH={bandwidth}", f"RESOLUTION={r.width}x{r.height}"]
+        if codecs:
+            attrs.append(f'CODECS="{codecs}"')
+        lines += [f"#EXT-X-STREAM-INF:{','.join(attrs)}", f"{r.name}/playlist.m3u8"]
+    atomic_write(task_dir / "master.m3u8", "\n".join(lines) + "\n")
+
+
+def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640) -> None:
+    """JPEG of a decoded frame, scaled in swscale to at most max_width."""
+    w, h = frame.width, frame.height
+    if w > max_width:
+        w, h = max_width, max(2, round(h * max_width / w / 2) * 2)
+    small = frame.reformat(width=w, height=h, format="yuvj420p")
+    ctx = av.CodecContext.create("mjpeg", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuvj420p"
+    ctx.time_base = Fraction(1, 25)
+    ctx.options = {"qmin": "2", "qmax": "6"}
+    data = b"".join(bytes(p) for p in ctx.encode(small)) + b"".join(bytes(p) for p in ctx.encode(None))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""Frame sampler: decodes only what sampling needs.
+
+Targets lie on a grid of 1/fps seconds on the timeline; each takes the first
+frame whose pts reaches it. Packets are held back (not decoded) until one
+reaches the next target; a GOP whose tail holds no target is dropped at the
+next keyframe without ever being decoded, and the decoder is reset there. So at
+fps 1 with 2 s GOPs, only the frames up to each sampled one are decoded.
+
+Sampled frames are scaled in swscale (bicubic) so the shorter side equals the
+model's input size, then centre-cropped: CLIP's reference preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable
+
+import av
+import numpy as np
+
+from .source import TIMELINE_OFFSET
+
+NEG_INF = Fraction(-(10**12))
+
+
+@dataclass
+class SampledFrame:
+    time: Fraction  # timeline seconds
+    crop: np.ndarray  # uint8 RGB, size x size x 3
+
+
+@dataclass
+class SamplerStats:
+    packets_decoded: int = 0
+    frames_decoded: int = 0
+    frames_sampled: int = 0
+    decode_errors: int = 0
+
+
+def clip_crop(frame: av.VideoFrame, size: int, sar: Fraction | None = None) -> np.ndarray:
+    """Resize (shorter side -> size, bicubic, in swscale) and centre-crop to size x size.
+    `sar` (sample aspect ratio) makes anamorphic sources scale to their display shape."""
+    w, h = frame.width, frame.height
+    if sar and sar > 0 and sar != 1:
+        w = max(1, round(w * sar))
+    scale = size / min(w, h)
+    tw, th = max(size, round(w * scale)), max(size, round(h * scale))
+    rgb = frame.reformat(width=tw, height=th, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    y0, x0 = (th - size) // 2, (tw - size) // 2
+    return np.ascontiguousarray(rgb[y0:y0 + size, x0:x0 + size])
+
+
+class FrameSampler:
+    def __init__(
+        self,
+        stream: av.video.stream.VideoStream,
+        *,
+        fps: int | None,
+        size: int,
+        on_sample: Callable[[SampledFrame], None],
+        on_first_frame: Callable[[av.VideoFrame], None] | None = None,
+    ) -> None:
+        self.ctx = stream.codec_context
+        self.tb = stream.time_base
+        self.fps = fps
+        self.size = size
+        self.on_sample = on_sample
+        self.on_first_frame = on_first_frame
+        # Without fps only the first frame is wanted (for the thumbnail).
+        self.next_target: Fraction | None = Fraction(0) if (fps or on_first_frame) else None
+        self.stats = SamplerStats()
+        self._pending: list[av.Packet] = []
+        self._max_fed = NEG_INF
+        self._fed = False
+
+    def _t(self, pts: int) -> Fraction:
+        return pts * self.tb - TIMELINE_OFFSET
+
+    def _active(self) -> bool:
+        return self.next_target is not None and self.next_target <= self._max_fed
+
+    def feed(self, packet: av.Packet) -> None:
+        if packet.is_keyframe and not self._active():
+            self._pending.clear()  # the GOP tail held no target: never decode it
+            self._reset()
+        if self.next_target is None:
+            return
+        self._pending.append(packet)
+        if self._t(packet.pts) >= self.next_target or self._active():
+            self._feed_pending()
+
+    def end_segment(self) -> None:
+        """Called before a cut: drain the decoder so every frame of the closing
+        segment is out, then start clean at the cut keyframe."""
+        if self._fed:
+            self._decode(None)
+        self._pending.clear()
+        self._reset()
+
+    finish = end_segment
+
+    def _reset(self) -> None:
+        if self._fed:
+            self.ctx.flush_buffers()
+            self._fed = False
+        self._max_fed = NEG_INF
+
+    def _feed_pending(self) -> None:
+        for packet in self._pending:
+            self._max_fed = max(self._max_fed, self._t(packet.pts))
+            self._fed = True
+            self.stats.packets_decoded += 1
+            self._decode(packet)
+        self._pending.clear()
+
+    def _decode(self, packet: av.Packet | None) -> None:
+        try:
+            frames = self.ctx.decode(packet)
+        except av.error.FFmpegError:
+            self.stats.decode_errors += 1
+            return
+        for frame in frames:
+            self.stats.frames_decoded += 1
+            self._on_frame(frame)
+
+    def _on_frame(self, frame: av.VideoFrame) -> None:
+        if frame.pts is None or self.next_target is None:
+            return
+        t = self._t(frame.pts)
+        if t < self.next_target:
+            return
+        if self.on_first_frame is not None:
+            self.on_first_frame(frame)
+            self.on_first_frame = None
+        if self.fps:
+            self.stats.frames_sampled += 1
+            self.on_sample(SampledFrame(t, clip_crop(frame, self.size, self.ctx.sample_aspect_ratio)))
+            self.next_target = Fraction(math.floor(t * self.fps) + 1, self.fps)
+        else:
+            self.next_target = None

@@ -1,0 +1,149 @@
+"""Media sources: open a file or URL with PyAV under open/read timeouts and
+yield its video (and first audio) packets on one continuous timeline.
+
+Timeline: packets are rebased so the first video keyframe sits at
+TIMELINE_OFFSET seconds. Downstream code reads timeline seconds as
+`pts * time_base - TIMELINE_OFFSET`. The offset keeps the earliest B-frame
+decode timestamps and audio priming non-negative, which MPEG-TS needs (the same
+reason ffmpeg's own muxers start at 1.4 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterator
+
+import av
+import av.error
+
+from ..errors import MediaError, SourceTimeout
+
+log = logging.getLogger(__name__)
+
+TIMELINE_OFFSET = Fraction(7, 5)  # 1.4 s
+LIVE_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    open_timeout: float = 10.0
+    read_timeout: float = 10.0
+    decode_threads: int = 1
+
+
+def describe_av_error(exc: BaseException) -> str:
+    """A one-line, user-facing reason for a PyAV/FFmpeg failure."""
+    if isinstance(exc, av.error.FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, av.error.ExitError):
+        return "timed out"
+    if isinstance(exc, (av.error.InvalidDataError,)):
+        return "not a readable media file (invalid data)"
+    if isinstance(exc, av.error.HTTPError) or type(exc).__name__.startswith("HTTP"):
+        return f"HTTP error: {exc}"
+    if isinstance(exc, av.error.FFmpegError):
+        return getattr(exc, "strerror", None) or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def _open_options(url: str) -> dict[str, str]:
+    if url.startswith(("rtsp://", "rtsps://")):
+        return {"rtsp_transport": "tcp"}
+    return {}
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, av.error.ExitError) or "timed out" in str(exc).lower()
+
+
+class MediaSource:
+    """One input. `open()` raises MediaError with a clear reason; `packets()`
+    yields timeline-rebased packets of the video and first audio stream."""
+
+    def __init__(self, url: str, options: SourceOptions) -> None:
+        self.url = url
+        self.options = options
+        self.container: av.container.InputContainer | None = None
+        self.video: av.video.stream.VideoStream | None = None
+        self.audio: av.audio.stream.AudioStream | None = None
+        self._base: dict[int, int] = {}  # stream index -> ticks subtracted
+        self.read_error: str | None = None
+
+    @property
+    def is_live(self) -> bool:
+        return self.url.startswith(LIVE_SCHEMES)
+
+    def open(self) -> None:
+        if "://" not in self.url and not os.path.exists(self.url):
+            raise MediaError(f"cannot open {self.url}: no such file")
+        try:
+            self.container = av.open(
+                self.url, mode="r", options=_open_options(self.url),
+                timeout=(self.options.open_timeout, self.options.read_timeout),
+            )
+        except Exception as exc:  # PyAV raises many FFmpegError subclasses
+            reason = describe_av_error(exc)
+            cls = SourceTimeout if is_timeout(exc) else MediaError
+            raise cls(f"cannot open {self.url}: {reason}") from None
+        videos = [s for s in self.container.streams.video if s.codec_context is not None]
+        if not videos:
+            kinds = sorted({s.type for s in self.container.streams}) or ["nothing"]
+            self.close()
+            raise MediaError(f"{self.url} has no video stream (it contains {', '.join(kinds)})")
+        self.video = videos[0]
+        self.audio = next(iter(self.container.streams.audio), None)
+        ctx = self.video.codec_context
+        ctx.thread_count = self.options.decode_threads
+        ctx.thread_type = "AUTO" if self.options.decode_threads != 1 else "SLICE"
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def _rebase(self, packet: av.Packet, t0: Fraction) -> None:
+        idx = packet.stream.index
+        base = self._base.get(idx)
+        if base is None:
+            tb = packet.stream.time_base
+            base = self._base[idx] = round((t0 - TIMELINE_OFFSET) / tb)
+        if packet.pts is not None:
+            packet.pts -= base
+        if packet.dts is not None:
+            packet.dts -= base
+
+    def packets(self) -> Iterator[av.Packet]:
+        """Packets from the first video keyframe on; earlier ones cannot be
+        decoded or cut, so they are dropped. Sets `read_error` and stops when
+        the input fails mid-way (a timeout or corrupt container)."""
+        assert self.container is not None and self.video is not None
+        streams = [self.video] + ([self.audio] if self.audio is not None else [])
+        t0: Fraction | None = None
+        demux = self.container.demux(streams)
+        while True:
+            try:
+                packet = next(demux)
+            except StopIteration:
+                return
+            except Exception as exc:
+                self.read_error = f"reading {self.url} failed: {describe_av_error(exc)}"
+                return
+            if packet.size == 0 or packet.pts is None and packet.dts is None:
+                continue  # demuxer flush packets
+            if t0 is None:
+                if packet.stream is not self.video or not packet.is_keyframe or packet.pts is None:
+                    continue
+                t0 = packet.pts * packet.stream.time_base
+            if packet.pts is None:
+                packet.pts = packet.dts
+            if packet.stream is not self.video and packet.pts * packet.stream.time_base < t0:
+                continue  # audio from before the first keyframe has no segment to go to
+            self._rebase(packet, t0)
+            yield packet
+
+
+def timeline_seconds(pts: int, time_base: Fraction) -> float:
+    return float(pts * time_base - TIMELINE_OFFSET)

@@ -1,0 +1,185 @@
+"""The segment pipeline for one input:
+
+    source -> segmenter -> (HLS source rendition, frame sampler) -> batcher
+           -> analysis -> per-segment record
+
+`ingest()` runs the media half in a worker thread (PyAV is blocking) and hands
+each closed segment, with futures for its sampled frames, to `emit`.
+`RecordAssembler` runs on the event loop and turns those, in order, into
+records. The hand-off queue between them is unbounded per pipeline, but holds
+only futures and small metadata; frames themselves wait in the batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import av
+
+from .analysis import Analyzer
+from .errors import StreamGuardError
+from .media.hls import SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
+from .media.sampler import FrameSampler, SampledFrame, SamplerStats
+from .media.segmenter import Segment, Segmenter, fmt_time
+from .media.source import MediaSource
+from .schemas import (STATUS_ERROR, STATUS_OK, RecordBody, SegmentData, SegmentRecord, TokenUsage,
+                      status_record)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    segment_seconds: int = 5
+    fps: int = 1
+    threshold: float = 0.30
+    moderate: bool = False
+
+    @property
+    def analyze(self) -> bool:
+        return self.moderate
+
+
+@dataclass
+class ClosedSegment:
+    segment: Segment
+    frames: list[tuple[Fraction, Future]]
+    error: str | None
+    closed_at: float  # time.monotonic() at the cut
+
+
+@dataclass
+class IngestResult:
+    segments: int = 0
+    error: str | None = None  # why the input was not read to its end
+    sampler: SamplerStats = field(default_factory=SamplerStats)
+    packets: int = 0
+
+
+class MediaLocator:
+    """Where a task's media lives on disk and the URL it is served under."""
+
+    def __init__(self, task_dir: Path, base_url: str | None) -> None:
+        self.task_dir = Path(task_dir)
+        self.base_url = base_url.rstrip("/") if base_url else None
+
+    def url(self, relpath: str) -> str:
+        if self.base_url:
+            return f"{self.base_url}/{relpath}"
+        return (self.task_dir / relpath).resolve().as_uri()
+
+    def segment_url(self, index: int) -> str:
+        return self.url(f"source/{segment_name(index)}")
+
+
+def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
+           emit: Callable[[ClosedSegment], None], should_stop: Callable[[], bool] = lambda: False) -> IngestResult:
+    """Read `source` (already open) to its end, writing HLS and emitting segments. Blocking."""
+    assert source.video is not None
+    video = source.video
+    result = IngestResult()
+    task_dir.mkdir(parents=True, exist_ok=True)
+    rendition = SourceRendition(task_dir, video, source.audio, opts.segment_seconds)
+    codecs = codecs_attribute(video, source.audio)
+    write_master(task_dir, [rendition], codecs)
+    rate = video.average_rate or video.guessed_rate or 25
+    frame_duration = 1 / Fraction(rate)
+
+    frames: list[tuple[Fraction, Future]] = []
+
+    def on_sample(sample: SampledFrame) -> None:
+        assert analyzer is not None
+        frames.append((sample.time, analyzer.submit(sample.crop)))
+
+    def on_first_frame(frame: av.VideoFrame) -> None:
+        write_thumbnail(frame, task_dir / "thumbnail.jpg")
+
+    sampler = FrameSampler(
+        video, fps=opts.fps if analyzer is not None else None,
+        size=analyzer.image_size if analyzer is not None else 224,
+        on_sample=on_sample, on_first_frame=on_first_frame,
+    )
+    segmenter = Segmenter(opts.segment_seconds)
+    mux_errors = 0
+    decode_errors_before = 0
+
+    def close(segment: Segment) -> None:
+        nonlocal frames, mux_errors, decode_errors_before
+        sampler.end_segment()
+        rendition.close_segment(segment)
+        bad_decode = sampler.stats.decode_errors - decode_errors_before
+        decode_errors_before = sampler.stats.decode_errors
+        error = None
+        if bad_decode or mux_errors:
+            error = (f"segment {segment.index} has corrupt video data "
+                     f"({bad_decode} undecodable and {mux_errors} unwritable packets)")
+        emit(ClosedSegment(segment, frames, error, time.monotonic()))
+        result.segments += 1
+        frames, mux_errors = [], 0
+
+    try:
+        for packet in source.packets():
+            result.packets += 1
+            is_video = packet.stream is video
+            closed = segmenter.feed(packet, is_video, frame_duration)
+            if closed is not None:
+                close(closed)
+                if should_stop():
+                    break
+            if is_video:
+                sampler.feed(packet)
+            try:
+                rendition.write(packet)
+            except av.error.FFmpegError as exc:
+                mux_errors += 1
+                log.debug("mux error in %s: %s", source.url, exc)
+        else:
+            last = segmenter.finish()
+            if last is not None:
+                close(last)
+    finally:
+        rendition.abort()
+        rendition.write_playlist(ended=True)
+        write_master(task_dir, [rendition], codecs)
+        result.sampler = sampler.stats
+    result.error = source.read_error
+    return result
+
+
+class RecordAssembler:
+    """Builds the per-segment record of CONTRACT §3 from a closed segment."""
+
+    def __init__(self, task_id: str, opts: PipelineOptions, analyzer: Analyzer | None, media: MediaLocator) -> None:
+        self.task_id = task_id
+        self.opts = opts
+        self.analyzer = analyzer
+        self.media = media
+
+    async def build(self, closed: ClosedSegment) -> SegmentRecord:
+        seg = closed.segment
+        if closed.error:
+            return status_record(self.task_id, STATUS_ERROR, closed.error)
+        moderation = None
+        video_tokens = text_tokens = 0
+        if self.analyzer is not None and self.opts.moderate:
+            try:
+                moderation = await self.analyzer.moderate(closed.frames, self.opts.threshold)
+            except StreamGuardError as exc:
+                return status_record(self.task_id, STATUS_ERROR, f"segment {seg.index}: {exc.message}")
+            video_tokens = len(closed.frames) * self.analyzer.tokens_per_image
+            text_tokens = self.analyzer.take_text_tokens()
+        elapsed_ms = (time.monotonic() - closed.closed_at) * 1000
+        data = SegmentData(
+            segment_index=seg.index, start_time=fmt_time(seg.start), end_time=fmt_time(seg.end),
+            video_url=self.media.segment_url(seg.index), content_moderation=moderation,
+            processing_time_ms=str(round(elapsed_ms)),
+        )
+        return SegmentRecord(task_id=self.task_id, data=RecordBody(
+            status=STATUS_OK, message="segment processed", data=data,
+            token=TokenUsage.of(video_tokens, text_tokens)))

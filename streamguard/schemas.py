@@ -1,0 +1,96 @@
+"""Wire schemas: the single source of every JSON shape streamguard emits or
+accepts (msgspec Structs, validated on decode, also the source of the
+OpenAPI document). Field names follow CONTRACT.md exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class _Wire(msgspec.Struct, kw_only=True):
+    pass
+
+
+# --- per-segment record (CONTRACT §3) ------------------------------------
+
+class Violation(_Wire, kw_only=True):
+    category: str
+    confidence: float
+    severity: str
+
+
+class FlaggedFrame(_Wire, kw_only=True):
+    frame_index: int  # index of the sampled frame within its segment
+    time: str  # timeline seconds, three decimals
+    violations: list[Violation]
+
+
+class ContentModeration(_Wire, kw_only=True):
+    has_unsafe_content: bool
+    frames_processed: int
+    violations: list[Violation]
+    scores: dict[str, float]
+    flagged_frames: list[FlaggedFrame]
+
+
+class LogoDetection(_Wire, kw_only=True):
+    has_logo: bool
+    logos: list[dict[str, Any]]
+    frames_processed: int
+
+
+class SegmentData(_Wire, kw_only=True):
+    segment_index: int
+    start_time: str
+    end_time: str
+    video_url: str
+    content_moderation: ContentModeration | None = None
+    logo_detection: LogoDetection | None = None
+    categorization: dict[str, Any] | None = None
+    processing_time_ms: str
+
+
+class TokenUsage(_Wire, kw_only=True):
+    input: int
+    output: int = 0
+    total: int
+    video_tokens: int
+    text_tokens: int
+
+    @classmethod
+    def of(cls, video_tokens: int, text_tokens: int) -> "TokenUsage":
+        n = video_tokens + text_tokens
+        return cls(input=n, total=n, video_tokens=video_tokens, text_tokens=text_tokens)
+
+
+class RecordBody(_Wire, kw_only=True):
+    status: int
+    message: str
+    data: SegmentData | None
+    token: TokenUsage | None
+
+
+class SegmentRecord(_Wire, kw_only=True):
+    code: str = "200"
+    message: str = "SUCCESS"
+    task_id: str
+    data: RecordBody
+
+
+# Status codes of data.status (CONTRACT §3).
+STATUS_OK = 0
+STATUS_ERROR = -1
+STATUS_USER_STOPPED = 14
+STATUS_NO_DATA = 15
+STATUS_CAPACITY = 16
+STATUS_NO_BALANCE = 402
+
+
+def status_record(task_id: str, status: int, message: str) -> SegmentRecord:
+    """A record without segment data: -1 and the task-ending statuses."""
+    return SegmentRecord(task_id=task_id, data=RecordBody(status=status, message=message, data=None, token=None))
+
+
+encoder = msgspec.json.Encoder()
