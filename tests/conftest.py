@@ -1,0 +1,60 @@
+"""Shared fixtures: the generated test model bundle and test videos, and a
+runner for the real `streamguard` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from videos import make_video  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "live: needs real RTMP/RTSP/HLS servers on loopback")
+
+
+@pytest.fixture(scope="session")
+def test_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from streamguard.inference.testmodel import make_test_bundle
+
+    path = tmp_path_factory.mktemp("bundle")
+    make_test_bundle(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def red_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 s, 25 fps, 2 s GOP, saturated red during seconds 10-15, with audio."""
+    return make_video(tmp_path_factory.mktemp("videos") / "red.mp4", seconds=30, red=((10, 15),))
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def run_cli(*args: str | os.PathLike, timeout: float = 120, env: dict | None = None) -> CliResult:
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamguard", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
