@@ -135,7 +135,7 @@ def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer:
             if is_video:
                 sampler.feed(packet)
             try:
-                rendition.write(packet)
+                rendition.write(packet, copy=is_video and sampler.holds(packet))
             except av.error.FFmpegError as exc:
                 mux_errors += 1
                 log.debug("mux error in %s: %s", source.url, exc)

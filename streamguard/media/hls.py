@@ -83,17 +83,21 @@ class SourceRendition:
                 out = self._out.add_stream_from_template(stream)
                 self._map[stream.index] = out
 
-    def write(self, packet: av.Packet) -> None:
+    def write(self, packet: av.Packet, *, copy: bool = False) -> None:
+        """Mux one packet. Muxing rescales the packet and takes its data, so a
+        packet someone still holds (the sampler, for a later lazy decode) must
+        be muxed as a copy."""
         if self._out is None:
             self.open_segment(self._index + 1)
         assert self._out is not None
-        # Muxing rescales the packet and takes its data; the sampler may still
-        # hold this packet for a later lazy decode, so mux a copy.
-        copy = av.Packet(packet)
-        copy.pts, copy.dts, copy.duration = packet.pts, packet.dts, packet.duration
-        copy.time_base, copy.is_keyframe = packet.time_base, packet.is_keyframe
-        copy.stream = self._map[packet.stream.index]
-        self._out.mux(copy)
+        out_stream = self._map[packet.stream.index]
+        if copy:
+            dup = av.Packet(packet)
+            dup.pts, dup.dts, dup.duration = packet.pts, packet.dts, packet.duration
+            dup.time_base, dup.is_keyframe = packet.time_base, packet.is_keyframe
+            packet = dup
+        packet.stream = out_stream
+        self._out.mux(packet)
 
     def close_segment(self, segment: Segment) -> None:
         if self._out is None:

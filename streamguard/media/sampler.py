@@ -91,6 +91,10 @@ class FrameSampler:
         if self._t(packet.pts) >= self.next_target or self._active():
             self._feed_pending()
 
+    def holds(self, packet: av.Packet) -> bool:
+        """Whether `packet` waits undecoded here (so others must not consume it)."""
+        return bool(self._pending) and self._pending[-1] is packet
+
     def end_segment(self) -> None:
         """Called before a cut: drain the decoder so every frame of the closing
         segment is out, then start clean at the cut keyframe."""

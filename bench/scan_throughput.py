@@ -1,0 +1,138 @@
+"""Scan throughput: the pipeline against plain PyAV doing the minimum work.
+
+Input: 60 s of 1280x720 30 fps H.264 with a 2 s GOP (generated once into
+bench/out/). Pipeline: 5 s segments, fps 1, source rendition (remux) and
+moderation with the test model. Baseline, in the same process: PyAV decodes
+every frame and resizes one per second to 224x224 (what a naive sampler does).
+
+Prints frames decoded per sampled frame, the real-time factor and the wall
+time ratio pipeline/baseline. Pinned to one core by default (--cores N).
+
+    python bench/scan_throughput.py [--cores 1] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import av  # noqa: E402
+
+from streamguard.config import load_settings  # noqa: E402
+from streamguard.inference.testmodel import make_test_bundle  # noqa: E402
+from streamguard.media.sampler import clip_crop  # noqa: E402
+from streamguard.pipeline import PipelineOptions  # noqa: E402
+from streamguard.scan import run_scan  # noqa: E402
+from videos import make_video  # noqa: E402
+
+SECONDS, FPS, GOP = 60, 30, 60
+
+
+def input_video(out: Path) -> Path:
+    path = out / "bench_720p30_gop2s.mp4"
+    if not path.exists():
+        print("generating 60 s 720p30 test input ...", file=sys.stderr)
+        make_video(path.with_suffix(".tmp.mp4"), seconds=SECONDS, fps=FPS, width=1280, height=720,
+                   gop=GOP, red=((20, 25),), bframes=0)
+        path.with_suffix(".tmp.mp4").rename(path)
+    return path
+
+
+def baseline(path: Path) -> tuple[float, int]:
+    """Decode every frame; resize one per second (the naive way)."""
+    started = time.perf_counter()
+    decoded = 0
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        v.codec_context.thread_count = 1
+        next_t = 0.0
+        for frame in c.decode(v):
+            decoded += 1
+            t = float(frame.pts * v.time_base)
+            if t >= next_t:
+                clip_crop(frame, 224)
+                next_t += 1.0
+    return time.perf_counter() - started, decoded
+
+
+def pipeline(path: Path, bundle: Path, out: Path) -> tuple[float, int]:
+    settings = load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(out / "data")}, "model": {"cpu_threads": 1, "providers": "cpu"},
+        "pipeline": {"decode_threads": 1}})
+    opts = PipelineOptions(segment_seconds=5, fps=1, moderate=True)
+    sink = io.StringIO()
+    started = time.perf_counter()
+    rc = asyncio.run(run_scan([str(path)], settings, opts, out_dir=out / "hls", model_dir=str(bundle),
+                              stdout=sink, stderr=sys.stderr))
+    elapsed = time.perf_counter() - started
+    assert rc == 0, "pipeline failed"
+    return elapsed, sink.getvalue().count("\n")
+
+
+def sampler_counts(path: Path) -> tuple[int, int]:
+    """Frames the sampler decodes and samples for this input (same code path)."""
+    from fractions import Fraction
+    from streamguard.media.sampler import FrameSampler
+    from streamguard.media.segmenter import Segmenter
+    from streamguard.media.source import MediaSource, SourceOptions
+
+    src = MediaSource(str(path), SourceOptions())
+    src.open()
+    sampler = FrameSampler(src.video, fps=1, size=224, on_sample=lambda s: None)
+    seg = Segmenter(5)
+    for p in src.packets():
+        video = p.stream is src.video
+        if seg.feed(p, video, Fraction(1, FPS)):
+            sampler.end_segment()
+        if video:
+            sampler.feed(p)
+    sampler.finish()
+    src.close()
+    return sampler.stats.frames_decoded, sampler.stats.frames_sampled
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cores", type=int, default=1, help="CPU cores to pin to (0 = no pinning)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if args.cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    path = input_video(out)
+    bundle = out / "test-bundle"
+    if not (bundle / "manifest.json").exists():
+        make_test_bundle(bundle)
+    pipeline(path, bundle, out)  # warm-up: model load, prompt cache, page cache
+
+    base_t, pipe_t = [], []
+    for _ in range(args.repeat):
+        t, decoded_all = baseline(path)
+        base_t.append(t)
+        t, records = pipeline(path, bundle, out)
+        pipe_t.append(t)
+    decoded, sampled = sampler_counts(path)
+    b, p = statistics.median(base_t), statistics.median(pipe_t)
+    cores = args.cores or os.cpu_count()
+    print(f"input: {SECONDS} s 1280x720 {FPS} fps H.264, GOP {GOP / FPS:.0f} s; segments 5 s, fps 1, "
+          f"source rendition + moderation (test model); {cores} core(s); median of {args.repeat}")
+    print(f"records: {records}")
+    print(f"frames decoded per sampled frame: {decoded / sampled:.2f} "
+          f"(pipeline {decoded}/{sampled}; baseline decodes {decoded_all})")
+    print(f"baseline (decode all + resize 1/s): {b:.2f} s  = {SECONDS / b:.1f}x real time")
+    print(f"pipeline: {p:.2f} s  = real-time factor {SECONDS / p:.1f}x")
+    print(f"wall-time ratio pipeline/baseline: {p / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()
