@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# System (Debian bookworm) packages needed by the live-ingest test infrastructure
+# in tests/live_servers.py:
+#   * ffmpeg                      - publishers (RTMP push, live HLS writer)
+#   * nginx + libnginx-mod-rtmp   - real RTMP server (module: /usr/lib/nginx/modules/ngx_rtmp_module.so)
+#   * GStreamer RTSP server       - real RTSP server driven by tests/rtsp_server.py,
+#                                   run with Debian's /usr/bin/python3 (python3-gi)
+#
+# Idempotent: when every package is already installed this exits without touching
+# apt at all (no `apt-get update`), so reruns are fast.
+# Needs root (or sudo). Usage: bash .ci/system-deps.sh
+set -euo pipefail
+
+PACKAGES=(
+  ffmpeg
+  nginx
+  libnginx-mod-rtmp
+  python3
+  python3-gi
+  gir1.2-glib-2.0
+  gir1.2-gstreamer-1.0
+  gir1.2-gst-plugins-base-1.0
+  gir1.2-gst-rtsp-server-1.0
+  libgstrtspserver-1.0-0
+  gstreamer1.0-rtsp
+  gstreamer1.0-tools
+  gstreamer1.0-plugins-base   # videotestsrc, audiotestsrc, videoconvert, audioconvert
+  gstreamer1.0-plugins-good   # rtph264pay, rtpmp4gpay, rtpmp4apay
+  gstreamer1.0-plugins-bad    # h264parse
+  gstreamer1.0-plugins-ugly   # x264enc
+  gstreamer1.0-libav          # avenc_aac
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  # dpkg -s succeeds for half-removed packages too; require "install ok installed".
+  status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+  if [[ "$status" != "install ok installed" ]]; then
+    missing+=("$pkg")
+  fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "system-deps: all ${#PACKAGES[@]} packages already installed"
+  exit 0
+fi
+
+echo "system-deps: installing: ${missing[*]}"
+
+SUDO=()
+if [[ "$(id -u)" -ne 0 ]]; then
+  SUDO=(sudo)
+fi
+
+# Never let package postinst scripts start services (nginx would grab :80).
+# Docker images usually ship a policy-rc.d already; on plain VMs add a temporary one.
+POLICY=/usr/sbin/policy-rc.d
+created_policy=0
+if [[ ! -e "$POLICY" ]]; then
+  printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$POLICY" >/dev/null
+  "${SUDO[@]}" chmod 755 "$POLICY"
+  created_policy=1
+fi
+cleanup() {
+  if [[ $created_policy -eq 1 ]]; then
+    "${SUDO[@]}" rm -f "$POLICY"
+  fi
+}
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y --no-install-recommends "${missing[@]}"
+
+echo "system-deps: done"
