@@ -7,6 +7,7 @@ inference batcher, so their frames are batched together.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sys
 import uuid
@@ -21,6 +22,8 @@ from .errors import StreamGuardError
 from .media.source import MediaSource, SourceOptions
 from .pipeline import ClosedSegment, IngestResult, MediaLocator, PipelineOptions, RecordAssembler, ingest
 from .schemas import encoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,9 @@ async def _scan_one(item: ScanInput, opts: PipelineOptions, src_opts: SourceOpti
     def run() -> IngestResult:
         try:
             return ingest(source, opts, item.task_dir, analyzer, emit)
+        except Exception as exc:  # a bug must still end in one clear line, not a traceback
+            log.exception("ingest of %s failed", item.url)
+            return IngestResult(error=f"{item.url}: internal error: {exc!r} (run with -v for details)")
         finally:
             source.close()
             loop.call_soon_threadsafe(queue.put_nowait, None)

@@ -74,6 +74,7 @@ class FrameSampler:
         self._pending: list[av.Packet] = []
         self._max_fed = NEG_INF
         self._fed = False
+        self._skipping = False
 
     def _t(self, pts: int) -> Fraction:
         return pts * self.tb - TIMELINE_OFFSET
@@ -99,6 +100,7 @@ class FrameSampler:
         """Called before a cut: drain the decoder so every frame of the closing
         segment is out, then start clean at the cut keyframe."""
         if self._fed:
+            self._set_skip(False)
             self._decode(None)
         self._pending.clear()
         self._reset()
@@ -113,11 +115,20 @@ class FrameSampler:
 
     def _feed_pending(self) -> None:
         for packet in self._pending:
-            self._max_fed = max(self._max_fed, self._t(packet.pts))
+            t = self._t(packet.pts)
+            # Frames before the target that nothing references (most B-frames)
+            # need not be decoded at all.
+            self._set_skip(self.next_target is not None and t < self.next_target)
+            self._max_fed = max(self._max_fed, t)
             self._fed = True
             self.stats.packets_decoded += 1
             self._decode(packet)
         self._pending.clear()
+
+    def _set_skip(self, skip_nonref: bool) -> None:
+        if skip_nonref != self._skipping:
+            self.ctx.skip_frame = "NONREF" if skip_nonref else "DEFAULT"
+            self._skipping = skip_nonref
 
     def _decode(self, packet: av.Packet | None) -> None:
         try:
