@@ -89,7 +89,7 @@ def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer:
     codecs = codecs_attribute(video, source.audio)
     write_master(task_dir, [rendition], codecs)
     rate = video.average_rate or video.guessed_rate or 25
-    frame_duration = 1 / Fraction(rate)
+    frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
 
     frames: list[tuple[Fraction, Future]] = []
 
@@ -105,7 +105,7 @@ def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer:
         size=analyzer.image_size if analyzer is not None else 224,
         on_sample=on_sample, on_first_frame=on_first_frame,
     )
-    segmenter = Segmenter(opts.segment_seconds)
+    segmenter = Segmenter(opts.segment_seconds, video.time_base)
     mux_errors = 0
     decode_errors_before = 0
 
@@ -127,7 +127,7 @@ def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer:
         for packet in source.packets():
             result.packets += 1
             is_video = packet.stream is video
-            closed = segmenter.feed(packet, is_video, frame_duration)
+            closed = segmenter.feed(packet, is_video, frame_ticks)
             if closed is not None:
                 close(closed)
                 if should_stop():

@@ -337,94 +337,16 @@ def _logs_text(logs: Iterable[Path]) -> str:
 def make_test_video(path: str | os.PathLike, seconds: float = 20.0, fps: int = 25,
                     width: int = 320, height: int = 240, gop: int | None = None,
                     red_ranges: Sequence[tuple[float, float]] = ((10.0, 15.0),),
-                    audio: bool = True, sample_rate: int = 48000,
-                    bitrate: int = 600_000) -> Path:
-    """Write a deterministic H.264 (libx264, yuv420p) [+ AAC] test file with PyAV.
-
-    Container from the suffix (.mp4, .flv, .ts, .mkv ...).  Frame ``i`` (time i/fps)
-    is saturated red (R=255,G=0,B=0) when ``start <= i/fps < end`` for a range in
-    ``red_ranges``, otherwise a moving pattern whose mean is far from red (blue
-    channel >= 96 everywhere).  Closed GOP of exactly ``gop`` frames (default ``fps``,
-    i.e. 1 s): keyint=min-keyint=gop, scenecut off, no B-frames (zerolatency).
-    Audio: 440 Hz stereo sine (AAC), 1 kHz during red sections.
-    """
-    import av
-    import numpy as np
+                    audio: bool = True) -> Path:
+    """A deterministic live-friendly test file (container from the suffix): the
+    project's test video (tests/videos.py) with 1 s GOPs by default and no
+    B-frames, as live encoders send."""
+    from videos import make_video
 
     path = Path(path)
-    gop = int(gop or fps)
-    nframes = int(round(seconds * fps))
-    ranges = [(float(a), float(b)) for a, b in red_ranges]
-
-    def red(t: float) -> bool:
-        return any(a <= t < b for a, b in ranges)
-
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.int32)
-    red_frame = np.zeros((height, width, 3), np.uint8)
-    red_frame[..., 0] = 255
-
-    def pattern(i: int) -> np.ndarray:
-        img = np.empty((height, width, 3), np.uint8)
-        img[..., 0] = ((xx * 2 + i * 6) & 0xFF) // 2              # R: scrolling ramp, <=127
-        img[..., 1] = ((yy * 2 + i * 3) & 0xFF)                   # G: vertical ramp
-        img[..., 2] = 96 + (((xx // 16 + yy // 16 + i // 5) & 1) * 128)  # B: checkers
-        bx = (i * 4) % max(1, width - 32)                          # moving white box
-        img[height // 2 - 16:height // 2 + 16, bx:bx + 32] = 255
-        return img
-
-    opts = {
-        "preset": "veryfast",
-        "tune": "zerolatency",
-        "profile": "main",
-        "threads": "1",  # byte-for-byte reproducible, single slice
-        "sc_threshold": "0",
-        "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:open-gop=0",
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream("libx264", rate=fps, options=opts)
-        vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
-        vs.codec_context.bit_rate = bitrate
-        vs.codec_context.gop_size = gop
-        vs.time_base = Fraction(1, fps)
-        as_ = None
-        if audio:
-            as_ = out.add_stream("aac", rate=sample_rate, layout="stereo")
-            as_.codec_context.bit_rate = 96_000
-            as_.time_base = Fraction(1, sample_rate)
-        frame_samples = 1024
-        asample = 0
-
-        def write_audio_until(t_end: float) -> None:
-            nonlocal asample
-            while as_ is not None and asample / sample_rate < t_end:
-                t = np.arange(asample, asample + frame_samples) / sample_rate
-                f = 1000.0 if red(asample / sample_rate) else 440.0
-                wave = (0.2 * np.sin(2 * np.pi * f * t)).astype(np.float32)
-                af = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp",
-                                                layout="stereo")
-                af.sample_rate = sample_rate
-                af.pts = asample
-                af.time_base = Fraction(1, sample_rate)
-                for pkt in as_.encode(af):
-                    out.mux(pkt)
-                asample += frame_samples
-
-        for i in range(nframes):
-            t = i / fps
-            img = red_frame if red(t) else pattern(i)
-            vf = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-            vf.pts = i
-            vf.time_base = Fraction(1, fps)
-            for pkt in vs.encode(vf):
-                out.mux(pkt)
-            write_audio_until((i + 1) / fps)
-        for pkt in vs.encode(None):
-            out.mux(pkt)
-        if as_ is not None:
-            for pkt in as_.encode(None):
-                out.mux(pkt)
-    return path
+    return make_video(path, seconds=seconds, fps=fps, width=width, height=height, gop=int(gop or fps),
+                      red=tuple((float(a), float(b)) for a, b in red_ranges), audio=audio, bframes=0)
 
 
 def is_red(frame, *, min_r: float = 200.0, max_gb: float = 55.0) -> bool:

@@ -30,8 +30,10 @@ def make_video(path: Path, *, seconds: float = 20, fps: int = 25, width: int = 3
     out = av.open(str(path), "w")
     v = out.add_stream(codec, rate=fps)
     v.width, v.height, v.pix_fmt = width, height, "yuv420p"
+    # One encoder thread: byte-identical output on every run and machine.
     v.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": str(bframes),
-                 "preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+                 "preset": "ultrafast", "threads": "1",
+                 "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
     a = None
     if audio:
         a = out.add_stream("aac", rate=48000)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .source import TIMELINE_OFFSET
 
-NEG_INF = Fraction(-(10**12))
+NEG_INF = -(2**62)
 
 
 @dataclass
@@ -69,7 +69,9 @@ class FrameSampler:
         self.on_sample = on_sample
         self.on_first_frame = on_first_frame
         # Without fps only the first frame is wanted (for the thumbnail).
-        self.next_target: Fraction | None = Fraction(0) if (fps or on_first_frame) else None
+        self.next_target: Fraction | None = None
+        self._target_ticks = 0  # next_target in stream ticks, for cheap per-packet checks
+        self._set_target(Fraction(0) if (fps or on_first_frame) else None)
         self.stats = SamplerStats()
         self._pending: list[av.Packet] = []
         self._max_fed = NEG_INF
@@ -79,8 +81,13 @@ class FrameSampler:
     def _t(self, pts: int) -> Fraction:
         return pts * self.tb - TIMELINE_OFFSET
 
+    def _set_target(self, target: Fraction | None) -> None:
+        self.next_target = target
+        if target is not None:
+            self._target_ticks = math.ceil((target + TIMELINE_OFFSET) / self.tb)
+
     def _active(self) -> bool:
-        return self.next_target is not None and self.next_target <= self._max_fed
+        return self.next_target is not None and self._target_ticks <= self._max_fed
 
     def feed(self, packet: av.Packet) -> None:
         if packet.is_keyframe and not self._active():
@@ -89,7 +96,7 @@ class FrameSampler:
         if self.next_target is None:
             return
         self._pending.append(packet)
-        if self._t(packet.pts) >= self.next_target or self._active():
+        if packet.pts >= self._target_ticks or self._active():
             self._feed_pending()
 
     def holds(self, packet: av.Packet) -> bool:
@@ -115,11 +122,12 @@ class FrameSampler:
 
     def _feed_pending(self) -> None:
         for packet in self._pending:
-            t = self._t(packet.pts)
+            pts = packet.pts
             # Frames before the target that nothing references (most B-frames)
             # need not be decoded at all.
-            self._set_skip(self.next_target is not None and t < self.next_target)
-            self._max_fed = max(self._max_fed, t)
+            self._set_skip(self.next_target is not None and pts < self._target_ticks)
+            if pts > self._max_fed:
+                self._max_fed = pts
             self._fed = True
             self.stats.packets_decoded += 1
             self._decode(packet)
@@ -141,17 +149,15 @@ class FrameSampler:
             self._on_frame(frame)
 
     def _on_frame(self, frame: av.VideoFrame) -> None:
-        if frame.pts is None or self.next_target is None:
+        if frame.pts is None or self.next_target is None or frame.pts < self._target_ticks:
             return
         t = self._t(frame.pts)
-        if t < self.next_target:
-            return
         if self.on_first_frame is not None:
             self.on_first_frame(frame)
             self.on_first_frame = None
         if self.fps:
             self.stats.frames_sampled += 1
             self.on_sample(SampledFrame(t, clip_crop(frame, self.size, self.ctx.sample_aspect_ratio)))
-            self.next_target = Fraction(math.floor(t * self.fps) + 1, self.fps)
+            self._set_target(Fraction(math.floor(t * self.fps) + 1, self.fps))
         else:
-            self.next_target = None
+            self._set_target(None)

@@ -11,6 +11,7 @@ reason ffmpeg's own muxers start at 1.4 s).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -122,6 +123,7 @@ class MediaSource:
         assert self.container is not None and self.video is not None
         streams = [self.video] + ([self.audio] if self.audio is not None else [])
         t0: Fraction | None = None
+        audio_start = 0  # first audio pts (stream ticks) at or after t0
         demux = self.container.demux(streams)
         while True:
             try:
@@ -137,9 +139,11 @@ class MediaSource:
                 if packet.stream is not self.video or not packet.is_keyframe or packet.pts is None:
                     continue
                 t0 = packet.pts * packet.stream.time_base
+                if self.audio is not None:
+                    audio_start = math.ceil(t0 / self.audio.time_base)
             if packet.pts is None:
                 packet.pts = packet.dts
-            if packet.stream is not self.video and packet.pts * packet.stream.time_base < t0:
+            if packet.stream is not self.video and packet.pts < audio_start:
                 continue  # audio from before the first keyframe has no segment to go to
             self._rebase(packet, t0)
             yield packet
