@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import Future
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,11 +37,12 @@ class Analyzer:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, settings: Settings, model_dir: Path) -> "Analyzer":
+    def create(cls, settings: Settings, model_dir: Path,
+               on_batch: Callable[[int, float], None] | None = None) -> "Analyzer":
         cache = settings.data_dir / "cache"
         model = ClipModel(model_dir, settings.model, cache)
         batcher = InferenceBatcher(model.encode_images, max_batch=settings.inference.max_batch,
-                                   max_wait=settings.inference.max_wait_ms / 1000)
+                                   max_wait=settings.inference.max_wait_ms / 1000, on_batch=on_batch)
         return cls(model, batcher, ModerationScorer(model, cache))
 
     def prepare(self) -> None:

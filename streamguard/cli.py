@@ -1,4 +1,4 @@
-"""Command line: `streamguard scan|models ...` (also `python -m streamguard`)."""
+"""Command line: `streamguard serve|scan|keys|models ...` (also `python -m streamguard`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Settings, load_settings
+from .errors import NotFound as NotFoundError
 from .errors import StreamGuardError
 
 RENDITIONS = ("source",)
@@ -69,6 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--renditions", type=_renditions, default=["source"],
                       help="comma-separated renditions to write (source)")
     _common(scan, model=True)
+
+    serve = sub.add_parser("serve", help="run the daemon: HTTP API, live tasks, metrics")
+    serve.add_argument("--host", help="listen address (config server.host, default 127.0.0.1)")
+    serve.add_argument("--port", type=_ranged_int(0, 65535), help="listen port (config server.port, default 8080)")
+    _common(serve, model=True)
+
+    keys = sub.add_parser("keys", help="create and revoke API keys, set token balances")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ksub.add_parser("create", help="create a key for a project (created if new); prints the key last")
+    kc.add_argument("--project", required=True, help="project name")
+    kc.add_argument("--balance", type=_ranged_int(0, 2**62), help="token balance (default: unmetered)")
+    _common(kc)
+    kr = ksub.add_parser("revoke", help="revoke a key (by key or key id)")
+    kr.add_argument("key")
+    _common(kr)
+    kb = ksub.add_parser("balance", help="show or set a key's token balance")
+    kb.add_argument("key")
+    group = kb.add_mutually_exclusive_group()
+    group.add_argument("--set", type=_ranged_int(0, 2**62), metavar="TOKENS", help="set the balance")
+    group.add_argument("--unmetered", action="store_true", help="remove the limit")
+    _common(kb)
 
     models = sub.add_parser("models", help="list, inspect, build and pull model bundles")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -137,7 +159,47 @@ def cmd_models(args: argparse.Namespace) -> int:
     raise AssertionError(action)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"scan": cmd_scan, "models": cmd_models}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run
+
+    settings = _settings(args, {"server": {"host": args.host, "port": args.port}})
+    return run(settings, args.model)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    settings = _settings(args)
+    store = Store(settings.data_dir / "streamguard.db")
+    try:
+        action = args.keys_command
+        if action == "create":
+            key, info = store.create_key(args.project, args.balance)
+            balance = "unmetered" if info.balance is None else f"{info.balance} tokens"
+            print(f"project {args.project} ({info.project_id}), key id {info.id}, balance {balance}")
+            print(key)
+            return 0
+        if action == "revoke":
+            if not store.revoke_key(args.key):
+                raise NotFoundError(f"no such key: {args.key}")
+            print(f"revoked {args.key}")
+            return 0
+        if action == "balance":
+            info = store.key_info(args.key)
+            if info is None:
+                raise NotFoundError(f"no such key: {args.key}")
+            if args.set is not None or args.unmetered:
+                info = store.set_balance(args.key, None if args.unmetered else args.set)
+            assert info is not None
+            print("unmetered" if info.balance is None else info.balance)
+            return 0
+        raise AssertionError(action)
+    finally:
+        store.close()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "scan": cmd_scan, "serve": cmd_serve, "keys": cmd_keys, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

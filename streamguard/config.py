@@ -73,12 +73,34 @@ class PipelineSettings(_Section, kw_only=True):
     decode_threads: Annotated[int, Meta(ge=0, le=64)] = 1
 
 
+class LiveSettings(_Section, kw_only=True):
+    # A task ends with status 15 after this many seconds without video.
+    no_data_timeout: PosFloat = 30.0
+    # Read timeout for live sources; also bounds how long a stop waits for a
+    # silent source.
+    read_timeout: PosFloat = 5.0
+    # Reconnect backoff: doubles from 0.5 s up to this, with jitter.
+    reconnect_max_backoff: PosFloat = 5.0
+
+
+class LimitsSettings(_Section, kw_only=True):
+    # Concurrent live tasks this node accepts; more get 429.
+    max_tasks: Annotated[int, Meta(ge=1)] = 32
+    # When the oldest frame waiting for inference is older than this, the
+    # node sheds its newest task (status 16) instead of letting all fall behind.
+    max_backlog_seconds: PosFloat = 10.0
+    # SIGTERM: how long tasks get to finish their in-flight segment.
+    drain_timeout: PosFloat = 90.0
+
+
 class Settings(_Section, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     model: ModelSettings = msgspec.field(default_factory=ModelSettings)
     inference: InferenceSettings = msgspec.field(default_factory=InferenceSettings)
     pipeline: PipelineSettings = msgspec.field(default_factory=PipelineSettings)
+    live: LiveSettings = msgspec.field(default_factory=LiveSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
 
     @property
     def data_dir(self) -> Path:

@@ -44,3 +44,48 @@ class SourceTimeout(MediaError):
 class DownloadError(StreamGuardError):
     code = "STREAMGUARD_DOWNLOAD_FAILED"
     http_status = 502
+
+
+class Unauthorized(StreamGuardError):
+    code = "STREAMGUARD_UNAUTHORIZED"
+    http_status = 401
+
+
+class InsufficientBalance(StreamGuardError):
+    code = "STREAMGUARD_INSUFFICIENT_BALANCE"
+    http_status = 402
+
+
+class NotFound(StreamGuardError):
+    code = "STREAMGUARD_NOT_FOUND"
+    http_status = 404
+
+
+class Conflict(StreamGuardError):
+    code = "STREAMGUARD_CONFLICT"
+    http_status = 409
+
+
+class PayloadTooLarge(StreamGuardError):
+    code = "STREAMGUARD_PAYLOAD_TOO_LARGE"
+    http_status = 413
+
+
+class UnsupportedMediaType(StreamGuardError):
+    code = "STREAMGUARD_UNSUPPORTED_MEDIA_TYPE"
+    http_status = 415
+
+
+class FeatureUnavailable(StreamGuardError):
+    code = "STREAMGUARD_FEATURE_UNAVAILABLE"
+    http_status = 422
+
+
+class CapacityReached(StreamGuardError):
+    code = "STREAMGUARD_CAPACITY_REACHED"
+    http_status = 429
+
+
+class Unavailable(StreamGuardError):
+    code = "STREAMGUARD_UNAVAILABLE"
+    http_status = 503

@@ -78,78 +78,135 @@ class MediaLocator:
         return self.url(f"source/{segment_name(index)}")
 
 
-def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
-           emit: Callable[[ClosedSegment], None], should_stop: Callable[[], bool] = lambda: False) -> IngestResult:
-    """Read `source` (already open) to its end, writing HLS and emitting segments. Blocking."""
-    assert source.video is not None
-    video = source.video
-    result = IngestResult()
-    task_dir.mkdir(parents=True, exist_ok=True)
-    rendition = SourceRendition(task_dir, video, source.audio, opts.segment_seconds)
-    codecs = codecs_attribute(video, source.audio)
-    write_master(task_dir, [rendition], codecs)
-    rate = video.average_rate or video.guessed_rate or 25
-    frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
+class StopMode:
+    """How a running ingest should stop: NOW closes the partial segment at once
+    (user stop, balance), AFTER_SEGMENT lets the in-flight segment reach its
+    cut first (drain, shedding)."""
 
-    frames: list[tuple[Fraction, Future]] = []
+    NOW = "now"
+    AFTER_SEGMENT = "after_segment"
 
-    def on_sample(sample: SampledFrame) -> None:
-        assert analyzer is not None
-        frames.append((sample.time, analyzer.submit(sample.crop)))
 
-    def on_first_frame(frame: av.VideoFrame) -> None:
-        write_thumbnail(frame, task_dir / "thumbnail.jpg")
+class SegmentPipeline:
+    """The media half of one task: segments, HLS and sampled frames, across
+    any number of connections to its source (live reconnects continue the
+    segment numbering and the timeline). Blocking; run it in a worker thread."""
 
-    sampler = FrameSampler(
-        video, fps=opts.fps if analyzer is not None else None,
-        size=analyzer.image_size if analyzer is not None else 224,
-        on_sample=on_sample, on_first_frame=on_first_frame,
-    )
-    segmenter = Segmenter(opts.segment_seconds, video.time_base)
-    mux_errors = 0
-    decode_errors_before = 0
+    def __init__(self, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
+                 emit: Callable[[ClosedSegment], None], *, next_index: int = 0,
+                 timeline_start: Fraction = Fraction(0)) -> None:
+        self.opts = opts
+        self.task_dir = Path(task_dir)
+        self.task_dir.mkdir(parents=True, exist_ok=True)
+        self.analyzer = analyzer
+        self.emit = emit
+        self.next_index = next_index
+        self.timeline_end = timeline_start
+        self.rendition = SourceRendition(self.task_dir, opts.segment_seconds, next_index)
+        self.stats = SamplerStats()
+        self.segments = 0
+        self.packets = 0
+        self._codecs: str | None = None
+        self._thumbnail = not (self.task_dir / "thumbnail.jpg").exists()
 
-    def close(segment: Segment) -> None:
-        nonlocal frames, mux_errors, decode_errors_before
-        sampler.end_segment()
-        rendition.close_segment(segment)
-        bad_decode = sampler.stats.decode_errors - decode_errors_before
-        decode_errors_before = sampler.stats.decode_errors
-        error = None
-        if bad_decode or mux_errors:
-            error = (f"segment {segment.index} has corrupt video data "
-                     f"({bad_decode} undecodable and {mux_errors} unwritable packets)")
-        emit(ClosedSegment(segment, frames, error, time.monotonic()))
-        result.segments += 1
-        frames, mux_errors = [], 0
+    def consume(self, source: MediaSource, should_stop: Callable[[], str | None] = lambda: None,
+                on_video: Callable[[], None] = lambda: None) -> str | None:
+        """Read one open source until it ends, fails or a stop is requested.
+        Returns why reading ended early (None at a clean end of input)."""
+        assert source.video is not None
+        video = source.video
+        rendition = self.rendition
+        rendition.bind(video, source.audio, discontinuity=self.segments > 0)
+        self._codecs = codecs_attribute(video, source.audio)
+        write_master(self.task_dir, [rendition], self._codecs)
+        rate = video.average_rate or video.guessed_rate or 25
+        frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
+        analyzer = self.analyzer
+        frames: list[tuple[Fraction, Future]] = []
 
-    try:
-        for packet in source.packets():
-            result.packets += 1
-            is_video = packet.stream is video
-            closed = segmenter.feed(packet, is_video, frame_ticks)
-            if closed is not None:
-                close(closed)
-                if should_stop():
+        def on_sample(sample: SampledFrame) -> None:
+            assert analyzer is not None
+            frames.append((sample.time, analyzer.submit(sample.crop)))
+
+        def on_first_frame(frame: av.VideoFrame) -> None:
+            write_thumbnail(frame, self.task_dir / "thumbnail.jpg")
+
+        sampler = FrameSampler(
+            video, fps=self.opts.fps if analyzer is not None else None,
+            size=analyzer.image_size if analyzer is not None else 224,
+            on_sample=on_sample, on_first_frame=on_first_frame if self._thumbnail else None,
+        )
+        self._thumbnail = False
+        segmenter = Segmenter(self.opts.segment_seconds, video.time_base, self.next_index, self.timeline_end)
+        mux_errors = 0
+        decode_errors_before = 0
+
+        def close(segment: Segment) -> None:
+            nonlocal frames, mux_errors, decode_errors_before
+            sampler.end_segment()
+            rendition.close_segment(segment)
+            bad_decode = sampler.stats.decode_errors - decode_errors_before
+            decode_errors_before = sampler.stats.decode_errors
+            error = None
+            if bad_decode or mux_errors:
+                error = (f"segment {segment.index} has corrupt video data "
+                         f"({bad_decode} undecodable and {mux_errors} unwritable packets)")
+            self.emit(ClosedSegment(segment, frames, error, time.monotonic()))
+            self.segments += 1
+            self.next_index = segment.index + 1
+            self.timeline_end = segment.end
+            frames, mux_errors = [], 0
+
+        stopped = False
+        try:
+            for packet in source.packets():
+                self.packets += 1
+                is_video = packet.stream is video
+                closed = segmenter.feed(packet, is_video, frame_ticks)
+                if closed is not None:
+                    close(closed)
+                    if should_stop():
+                        stopped = True
+                        break
+                elif should_stop() == StopMode.NOW:
+                    stopped = True
                     break
-            if is_video:
-                sampler.feed(packet)
-            try:
-                rendition.write(packet, copy=is_video and sampler.holds(packet))
-            except av.error.FFmpegError as exc:
-                mux_errors += 1
-                log.debug("mux error in %s: %s", source.url, exc)
-        else:
-            last = segmenter.finish()
-            if last is not None:
-                close(last)
+                if is_video:
+                    on_video()
+                    sampler.feed(packet)
+                try:
+                    rendition.write(packet, copy=is_video and sampler.holds(packet))
+                except av.error.FFmpegError as exc:
+                    mux_errors += 1
+                    log.debug("mux error in %s: %s", source.url, exc)
+            if not stopped or segmenter.packets_in_segment:
+                last = segmenter.finish()
+                if last is not None:
+                    close(last)
+        finally:
+            rendition.abort()
+            self._add_stats(sampler.stats)
+        return source.read_error
+
+    def _add_stats(self, s: SamplerStats) -> None:
+        for name in ("packets_decoded", "frames_decoded", "frames_sampled", "decode_errors"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
+
+    def close(self) -> None:
+        """End of the task: the playlist gets #EXT-X-ENDLIST."""
+        self.rendition.write_playlist(ended=True)
+        write_master(self.task_dir, [self.rendition], self._codecs)
+
+
+def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
+           emit: Callable[[ClosedSegment], None]) -> IngestResult:
+    """Read one open source (a file, or a stream until it ends) to its end. Blocking."""
+    pipe = SegmentPipeline(opts, task_dir, analyzer, emit)
+    try:
+        error = pipe.consume(source)
     finally:
-        rendition.abort()
-        rendition.write_playlist(ended=True)
-        write_master(task_dir, [rendition], codecs)
-        result.sampler = sampler.stats
-    result.error = source.read_error
-    return result
+        pipe.close()
+    return IngestResult(segments=pipe.segments, error=error, sampler=pipe.stats, packets=pipe.packets)
 
 
 class RecordAssembler:

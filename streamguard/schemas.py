@@ -4,9 +4,10 @@ OpenAPI document). Field names follow CONTRACT.md exactly."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 
 class _Wire(msgspec.Struct, kw_only=True):
@@ -94,3 +95,105 @@ def status_record(task_id: str, status: int, message: str) -> SegmentRecord:
 
 
 encoder = msgspec.json.Encoder()
+
+
+# --- HTTP API ----------------------------------------------------------------
+
+Fps = Annotated[int, Meta(ge=1, le=30)]
+SegmentSeconds = Annotated[int, Meta(ge=1, le=60)]
+Threshold = Annotated[float, Meta(ge=0, le=1)]
+MaxLogos = Annotated[int, Meta(ge=1, le=50)]
+
+
+class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/streams."""
+
+    url: Annotated[str, Meta(min_length=1, max_length=4096)]
+    enable_content_moderation: bool = False
+    enable_logo_detection: bool = False
+    enable_categorization: bool = False
+    fps: Fps = 1
+    max_logos: MaxLogos = 5
+    segment_seconds: SegmentSeconds = 5
+    threshold: Threshold = 0.30
+    renditions: Annotated[list[str], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["source"])
+    callback_url: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class StreamStartedData(_Wire, kw_only=True):
+    task_id: str
+    message: str = "stream started"
+
+
+class StreamStarted(_Wire, kw_only=True):
+    """Reply of POST /v1/streams (the reference's shape, not the success envelope)."""
+
+    code: str = "200"
+    message: str = "SUCCESS"
+    data: StreamStartedData
+
+
+class TaskCounters(_Wire, kw_only=True):
+    segments: int
+    flagged_segments: int
+    tokens: int
+    reconnects: int
+
+
+class StreamTask(_Wire, kw_only=True):
+    task_id: str
+    state: str  # starting | running | stopped
+    status: int | None  # final status code once stopped
+    message: str | None
+    url: str
+    playlist_url: str
+    counters: TaskCounters
+    settings: dict[str, Any]
+    metadata: dict[str, Any] | None
+    created_at: str
+    started_at: str | None
+    stopped_at: str | None
+
+
+class Page(_Wire, kw_only=True):
+    items: list[Any]
+    total: int
+    page: int
+    pageSize: int
+
+
+class RecordPage(_Wire, kw_only=True):
+    items: list[msgspec.Raw]
+    next_after: int | None
+
+
+class WebhookView(_Wire, kw_only=True):
+    url: str | None
+    secret: str
+    events: list[str]
+
+
+class ProjectView(_Wire, kw_only=True):
+    id: str
+    name: str
+    webhook: WebhookView
+    created_at: str
+
+
+class ErrorBody(_Wire, kw_only=True):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorEnvelope(_Wire, kw_only=True):
+    success: bool = False
+    error: ErrorBody
+    timestamp: str
+    path: str
+
+
+class Success(_Wire, kw_only=True):
+    success: bool = True
+    data: Any

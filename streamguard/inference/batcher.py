@@ -11,6 +11,7 @@ releases the GIL while it runs.
 from __future__ import annotations
 
 import logging
+import collections
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ class InferenceBatcher:
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue[tuple[np.ndarray, Future] | None] = queue.SimpleQueue()
         self.stats = BatchStats()
+        self._enqueued: collections.deque[float] = collections.deque()  # submit times, oldest first
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference-batcher", daemon=True)
         self._thread.start()
@@ -50,11 +52,19 @@ class InferenceBatcher:
         if self._closed:
             fut.set_exception(RuntimeError("inference batcher is closed"))
         else:
+            self._enqueued.append(time.monotonic())
             self._queue.put((image, fut))
         return fut
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._enqueued)
+
+    def oldest_wait(self) -> float:
+        """Seconds the oldest waiting frame has waited: how far inference is behind."""
+        try:
+            return time.monotonic() - self._enqueued[0]
+        except IndexError:
+            return 0.0
 
     def close(self) -> None:
         if not self._closed:
@@ -88,6 +98,8 @@ class InferenceBatcher:
                 return
 
     def _run_batch(self, batch: list[tuple[np.ndarray, Future]]) -> None:
+        for _ in batch:
+            self._enqueued.popleft()
         live = [(img, fut) for img, fut in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return

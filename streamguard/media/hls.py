@@ -35,6 +35,7 @@ class PlaylistEntry:
     index: int
     duration: float
     size: int
+    discontinuity: bool = False
 
 
 def _avc_codec_string(extradata: bytes | None) -> str | None:
@@ -62,33 +63,40 @@ class SourceRendition:
 
     name = "source"
 
-    def __init__(self, task_dir: Path, video: av.video.stream.VideoStream,
-                 audio: av.audio.stream.AudioStream | None, segment_seconds: int) -> None:
+    def __init__(self, task_dir: Path, segment_seconds: int, next_index: int = 0) -> None:
         self.dir = task_dir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.video_in, self.audio_in = video, audio
         self.segment_seconds = segment_seconds
         self.entries: list[PlaylistEntry] = []
         self._out: av.container.OutputContainer | None = None
         self._map: dict[int, av.stream.Stream] = {}
-        self._index = -1
-        self.width, self.height = video.codec_context.width, video.codec_context.height
+        self._next = next_index
+        self._discontinuity = False
+        self.video_in: av.video.stream.VideoStream | None = None
+        self.audio_in: av.audio.stream.AudioStream | None = None
+        self.width = self.height = 0
 
-    def open_segment(self, index: int) -> None:
-        self._index = index
-        self._out = av.open(str(self.dir / segment_name(index)), mode="w", format="mpegts")
+    def bind(self, video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None, *,
+             discontinuity: bool = False) -> None:
+        """Take packets from these input streams from now on (a new connection);
+        the next segment is marked as a discontinuity when the source changed."""
+        self.video_in, self.audio_in = video, audio
+        self.width, self.height = video.codec_context.width, video.codec_context.height
+        self._discontinuity = discontinuity
+
+    def _open_segment(self) -> None:
+        self._out = av.open(str(self.dir / segment_name(self._next)), mode="w", format="mpegts")
         self._map = {}
         for stream in (self.video_in, self.audio_in):
             if stream is not None:
-                out = self._out.add_stream_from_template(stream)
-                self._map[stream.index] = out
+                self._map[stream.index] = self._out.add_stream_from_template(stream)
 
     def write(self, packet: av.Packet, *, copy: bool = False) -> None:
         """Mux one packet. Muxing rescales the packet and takes its data, so a
         packet someone still holds (the sampler, for a later lazy decode) must
         be muxed as a copy."""
         if self._out is None:
-            self.open_segment(self._index + 1)
+            self._open_segment()
         assert self._out is not None
         out_stream = self._map[packet.stream.index]
         if copy:
@@ -104,8 +112,11 @@ class SourceRendition:
             return
         self._out.close()
         self._out = None
+        self._next = segment.index + 1
         path = self.dir / segment_name(segment.index)
-        self.entries.append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size))
+        self.entries.append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size,
+                                          self._discontinuity))
+        self._discontinuity = False
         self.write_playlist(ended=False)
 
     def abort(self) -> None:
@@ -127,6 +138,8 @@ class SourceRendition:
                  f"#EXT-X-MEDIA-SEQUENCE:{self.entries[0].index if self.entries else 0}",
                  "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]
         for e in self.entries:
+            if e.discontinuity:
+                lines.append("#EXT-X-DISCONTINUITY")
             lines += [f"#EXTINF:{e.duration:.3f},", segment_name(e.index)]
         if ended:
             lines.append("#EXT-X-ENDLIST")

@@ -53,6 +53,10 @@ def describe_av_error(exc: BaseException) -> str:
 def _open_options(url: str) -> dict[str, str]:
     if url.startswith(("rtsp://", "rtsps://")):
         return {"rtsp_transport": "tcp"}
+    if url.startswith(("rtmp://", "rtmps://")):
+        # FLV announces its streams up front; probing 5 s of a live stream
+        # only delays the start.
+        return {"analyzeduration": "1000000"}
     return {}
 
 
@@ -64,9 +68,12 @@ class MediaSource:
     """One input. `open()` raises MediaError with a clear reason; `packets()`
     yields timeline-rebased packets of the video and first audio stream."""
 
-    def __init__(self, url: str, options: SourceOptions) -> None:
+    def __init__(self, url: str, options: SourceOptions, timeline_start: Fraction = Fraction(0)) -> None:
         self.url = url
         self.options = options
+        # Where this connection's first keyframe lands on the task's timeline
+        # (live reconnects continue where the last connection ended).
+        self.timeline_start = timeline_start
         self.container: av.container.InputContainer | None = None
         self.video: av.video.stream.VideoStream | None = None
         self.audio: av.audio.stream.AudioStream | None = None
@@ -110,7 +117,7 @@ class MediaSource:
         base = self._base.get(idx)
         if base is None:
             tb = packet.stream.time_base
-            base = self._base[idx] = round((t0 - TIMELINE_OFFSET) / tb)
+            base = self._base[idx] = round((t0 - TIMELINE_OFFSET - self.timeline_start) / tb)
         if packet.pts is not None:
             packet.pts -= base
         if packet.dts is not None:

@@ -1,0 +1,141 @@
+"""Live sources: a supervisor per task that connects, reads, reconnects with
+backoff, and decides when the task ends.
+
+Every (re)connection is logged and counted with its reason. The media
+timeline and segment numbering continue across reconnects (the pipeline
+carries them). A task ends with status 15 after `no_data_timeout` seconds
+without video, whether the source refuses, stays silent or sends no video.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import LiveSettings
+from .errors import MediaError, SourceTimeout
+from .media.source import MediaSource, SourceOptions
+from .pipeline import SegmentPipeline, StopMode
+from .schemas import STATUS_NO_DATA
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    status: int
+    message: str
+
+
+def classify(error: str | None, exc: BaseException | None = None) -> str:
+    """A low-cardinality reason label for metrics."""
+    if isinstance(exc, SourceTimeout) or (error and "timed out" in error):
+        return "timeout"
+    if error is None:
+        return "end_of_stream"
+    text = error.lower()
+    if "refused" in text:
+        return "refused"
+    if exc is not None:
+        return "connect_failed"
+    return "read_error"
+
+
+class LiveSupervisor:
+    def __init__(self, task_id: str, url: str, pipeline: SegmentPipeline, source_options: SourceOptions,
+                 settings: LiveSettings, *, on_restart: Callable[[str, str], None] = lambda r, m: None,
+                 on_connected: Callable[[], None] = lambda: None) -> None:
+        self.task_id = task_id
+        self.url = url
+        self.pipeline = pipeline
+        self.settings = settings
+        self.source_options = SourceOptions(
+            open_timeout=source_options.open_timeout,
+            read_timeout=min(settings.read_timeout, settings.no_data_timeout),
+            decode_threads=source_options.decode_threads,
+        )
+        self.on_restart = on_restart
+        self.on_connected = on_connected
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._stop: tuple[str, TaskEnd] | None = None
+        self._wake = threading.Event()
+        self._last_video = time.monotonic()
+        self._connected_once = False
+
+    # --- control (any thread) -------------------------------------------------
+
+    def request_stop(self, mode: str, status: int, message: str) -> None:
+        """First request wins (a user stop is not overwritten by a later drain)."""
+        if self._stop is None:
+            self._stop = (mode, TaskEnd(status, message))
+        self._wake.set()
+
+    def escalate(self) -> None:
+        """Turn a pending after-segment stop into an immediate one."""
+        if self._stop is not None:
+            self._stop = (StopMode.NOW, self._stop[1])
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None
+
+    # --- the supervisor thread -------------------------------------------------
+
+    def _should_stop(self) -> str | None:
+        if self._stop is not None:
+            return self._stop[0]
+        idle = time.monotonic() - self._last_video
+        if idle >= self.settings.no_data_timeout:  # connected, but no video arrives
+            self.request_stop(StopMode.NOW, STATUS_NO_DATA, f"no video for {idle:.0f} s")
+            return StopMode.NOW
+        return None
+
+    def _on_video(self) -> None:
+        self._last_video = time.monotonic()
+        if not self._connected_once:
+            self._connected_once = True
+            self.on_connected()
+
+    def run(self) -> TaskEnd:
+        attempt = 0
+        try:
+            while self._stop is None:
+                got_video_before = self._last_video
+                source = MediaSource(self.url, self.source_options, timeline_start=self.pipeline.timeline_end)
+                exc: BaseException | None = None
+                try:
+                    source.open()
+                except MediaError as err:
+                    exc, error = err, err.message
+                else:
+                    try:
+                        error = self.pipeline.consume(source, self._should_stop, self._on_video)
+                    finally:
+                        source.close()
+                if self._stop is not None:
+                    break
+                reason = classify(error, exc)
+                self.last_error = error or "the stream ended"
+                if self._last_video != got_video_before:
+                    attempt = 0  # that connection delivered video: start the backoff afresh
+                self.restarts += 1
+                log.warning("task %s: source %s: %s; reconnecting", self.task_id, reason, self.last_error)
+                self.on_restart(reason, self.last_error)
+                idle = time.monotonic() - self._last_video
+                remaining = self.settings.no_data_timeout - idle
+                if remaining <= 0:
+                    self.request_stop(StopMode.NOW, STATUS_NO_DATA,
+                                      f"no video for {idle:.0f} s: {self.last_error}")
+                    break
+                delay = min(self.settings.reconnect_max_backoff, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                attempt += 1
+                self._wake.wait(min(delay, remaining))
+        finally:
+            self.pipeline.close()
+        assert self._stop is not None
+        return self._stop[1]

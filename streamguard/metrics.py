@@ -1,0 +1,47 @@
+"""Prometheus metrics. One registry per runtime (no process-global state),
+served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.active_tasks = Gauge("streamguard_active_tasks", "Live stream tasks currently running.", registry=r)
+        self.segments = Counter("streamguard_segments_total", "Per-segment records stored, by record status.",
+                                ["status"], registry=r)
+        self.segment_latency = Histogram(
+            "streamguard_segment_latency_seconds",
+            "Time from a segment's cut to its record being stored.", buckets=LATENCY_BUCKETS, registry=r)
+        self.frames_decoded = Counter("streamguard_frames_decoded_total",
+                                      "Video frames decoded by samplers.", registry=r)
+        self.frames_sampled = Counter("streamguard_frames_sampled_total",
+                                      "Frames sampled and sent to the image encoder.", registry=r)
+        self.batch_size = Histogram("streamguard_inference_batch_size", "Frames per image-encoder run.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.inference_seconds = Histogram("streamguard_inference_seconds",
+                                           "Wall time of one image-encoder run.", registry=r)
+        self.queue_depth = Gauge("streamguard_inference_queue_depth",
+                                 "Frames waiting for the image encoder.", registry=r)
+        self.record_queue_depth = Gauge("streamguard_record_queue_depth",
+                                        "Closed segments waiting for their record to be built.", registry=r)
+        self.reconnects = Counter("streamguard_source_reconnects_total",
+                                  "Live source (re)connections after a drop or failure, by reason.",
+                                  ["reason"], registry=r)
+        self.tasks_ended = Counter("streamguard_tasks_ended_total", "Live tasks ended, by final status.",
+                                   ["status"], registry=r)
+        self.tasks_shed = Counter("streamguard_tasks_shed_total",
+                                  "Tasks shed because inference fell behind or the node drained.",
+                                  ["reason"], registry=r)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

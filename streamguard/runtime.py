@@ -1,0 +1,60 @@
+"""The runtime: everything one serving process owns (settings, store, model,
+metrics, services), created once by the app factory and torn down with it.
+The only place such state lives."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .analysis import Analyzer, resolve_model_dir
+from .config import Settings
+from .metrics import Metrics
+from .store import AsyncStore, Store
+from .streams import StreamService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: AsyncStore
+    analyzer: Analyzer
+    metrics: Metrics
+    streams: StreamService
+    started_at: float
+
+    @property
+    def public_url(self) -> str:
+        return self.streams.public_url
+
+    @classmethod
+    async def create(cls, settings: Settings, model_dir: str | None = None) -> "Runtime":
+        loop = asyncio.get_running_loop()
+        data_dir = settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = AsyncStore(await loop.run_in_executor(None, Store, data_dir / "streamguard.db"))
+        metrics = Metrics()
+        analyzer = await loop.run_in_executor(
+            None, lambda: Analyzer.create(settings, resolve_model_dir(settings, model_dir), metrics.on_batch))
+        await loop.run_in_executor(None, analyzer.prepare)
+        public = settings.server.public_url or f"http://{settings.server.host}:{settings.server.port}"
+        streams = StreamService(settings, store, analyzer, metrics, public)
+        ended = await streams.end_orphans()
+        if ended:
+            log.warning("%d task(s) left running by a previous process ended with status 16", ended)
+        streams.start_shedder()
+        return cls(settings, store, analyzer, metrics, streams, time.time())
+
+    async def close(self) -> None:
+        await self.streams.drain()
+        self.analyzer.close()
+        self.store.close()
+
+    @property
+    def media_root(self) -> Path:
+        return self.settings.data_dir / "media"

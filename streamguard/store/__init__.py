@@ -1,0 +1,3 @@
+from .sqlite import AsyncStore, Store
+
+__all__ = ["AsyncStore", "Store"]

@@ -1,0 +1,55 @@
+"""Schema migrations, applied in order; PRAGMA user_version records the last one."""
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: projects, keys, tasks, records
+    """
+    CREATE TABLE projects (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        webhook_url TEXT,
+        webhook_events TEXT NOT NULL DEFAULT '[]',
+        webhook_secret TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        balance INTEGER,              -- NULL: unmetered
+        revoked_at REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        key_id TEXT NOT NULL REFERENCES api_keys(id),
+        kind TEXT NOT NULL,
+        url TEXT NOT NULL,
+        params TEXT NOT NULL,         -- JSON of the accepted request
+        state TEXT NOT NULL,          -- starting | running | stopped
+        final_status INTEGER,
+        final_message TEXT,
+        segments INTEGER NOT NULL DEFAULT 0,
+        flagged_segments INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        reconnects INTEGER NOT NULL DEFAULT 0,
+        next_seq INTEGER NOT NULL DEFAULT 0,
+        timeline_end REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        stopped_at REAL
+    );
+    CREATE INDEX tasks_project ON tasks(project_id, created_at);
+    CREATE INDEX tasks_state ON tasks(state);
+    CREATE TABLE records (
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        seq INTEGER NOT NULL,         -- segment_index; terminal records take the next one
+        status INTEGER NOT NULL,
+        body BLOB NOT NULL,           -- the record JSON exactly as delivered
+        created_at REAL NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX records_created ON records(created_at);
+    """,
+)

@@ -1,0 +1,310 @@
+"""The embedded store: SQLite in WAL mode.
+
+All access goes through one connection owned by one thread; `AsyncStore`
+runs every call there, so the event loop never blocks on disk and writes are
+serialised without lock contention. Money-like updates (token balances) and
+the records they pay for change in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .migrations import MIGRATIONS
+
+T = TypeVar("T")
+KEY_PREFIX = "sg_"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    import base64
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    name: str
+    webhook_url: str | None
+    webhook_events: list[str]
+    webhook_secret: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    project_id: str
+    prefix: str
+    balance: int | None
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the authenticated key and its project."""
+
+    key_id: str
+    project_id: str
+    balance: int | None
+
+
+@dataclass
+class TaskRow:
+    id: str
+    project_id: str
+    key_id: str
+    kind: str
+    url: str
+    params: dict[str, Any]
+    state: str
+    final_status: int | None = None
+    final_message: str | None = None
+    segments: int = 0
+    flagged_segments: int = 0
+    tokens: int = 0
+    reconnects: int = 0
+    next_seq: int = 0
+    timeline_end: float = 0.0
+    created_at: float = 0.0
+    started_at: float | None = None
+    stopped_at: float | None = None
+
+
+_TASK_COLS = ("id, project_id, key_id, kind, url, params, state, final_status, final_message, segments, "
+              "flagged_segments, tokens, reconnects, next_seq, timeline_end, created_at, started_at, stopped_at")
+
+
+def _task(row: tuple) -> TaskRow:
+    values = list(row)
+    values[5] = json.loads(values[5])
+    return TaskRow(*values)
+
+
+class InsufficientBalance(Exception):
+    pass
+
+
+class Store:
+    """Synchronous store; use it from one thread (AsyncStore does that)."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    def writable(self) -> bool:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ROLLBACK")
+            return True
+        except sqlite3.Error:
+            return False
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self.db)
+
+    # --- projects and keys ---------------------------------------------------
+
+    def project_by_name(self, name: str, create: bool = False) -> Project | None:
+        row = self.db.execute("SELECT id, name, webhook_url, webhook_events, webhook_secret, created_at "
+                              "FROM projects WHERE name = ?", (name,)).fetchone()
+        if row is None and create:
+            pid = new_id("prj")
+            self.db.execute("INSERT INTO projects (id, name, webhook_secret, created_at) VALUES (?, ?, ?, ?)",
+                            (pid, name, new_webhook_secret(), time.time()))
+            return self.project(pid)
+        return None if row is None else Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+    def project(self, project_id: str) -> Project | None:
+        row = self.db.execute("SELECT id, name, webhook_url, webhook_events, webhook_secret, created_at "
+                              "FROM projects WHERE id = ?", (project_id,)).fetchone()
+        return None if row is None else Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+    def set_webhook(self, project_id: str, url: str | None, events: list[str]) -> Project:
+        self.db.execute("UPDATE projects SET webhook_url = ?, webhook_events = ? WHERE id = ?",
+                        (url, json.dumps(events), project_id))
+        project = self.project(project_id)
+        assert project is not None
+        return project
+
+    def create_key(self, project_name: str, balance: int | None = None) -> tuple[str, KeyInfo]:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._tx():
+            project = self.project_by_name(project_name, create=True)
+            assert project is not None
+            kid = new_id("key")
+            self.db.execute("INSERT INTO api_keys (id, project_id, key_hash, prefix, balance, created_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (kid, project.id, hash_key(key), key[:10], balance, time.time()))
+        return key, KeyInfo(kid, project.id, key[:10], balance, False)
+
+    def _key_row(self, key_or_id: str) -> tuple | None:
+        return self.db.execute(
+            "SELECT id, project_id, prefix, balance, revoked_at FROM api_keys WHERE id = ? OR key_hash = ?",
+            (key_or_id, hash_key(key_or_id))).fetchone()
+
+    def key_info(self, key_or_id: str) -> KeyInfo | None:
+        row = self._key_row(key_or_id)
+        return None if row is None else KeyInfo(row[0], row[1], row[2], row[3], row[4] is not None)
+
+    def revoke_key(self, key_or_id: str) -> bool:
+        row = self._key_row(key_or_id)
+        if row is None:
+            return False
+        self.db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                        (time.time(), row[0]))
+        return True
+
+    def set_balance(self, key_or_id: str, balance: int | None) -> KeyInfo | None:
+        row = self._key_row(key_or_id)
+        if row is None:
+            return None
+        self.db.execute("UPDATE api_keys SET balance = ? WHERE id = ?", (balance, row[0]))
+        return self.key_info(row[0])
+
+    def authenticate(self, key: str) -> Principal | None:
+        row = self.db.execute("SELECT id, project_id, balance FROM api_keys "
+                              "WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),)).fetchone()
+        return None if row is None else Principal(row[0], row[1], row[2])
+
+    def balance(self, key_id: str) -> int | None:
+        row = self.db.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else row[0]
+
+    # --- tasks ----------------------------------------------------------------
+
+    def create_task(self, task: TaskRow) -> None:
+        self.db.execute(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 18)})", (
+            task.id, task.project_id, task.key_id, task.kind, task.url, json.dumps(task.params), task.state,
+            task.final_status, task.final_message, task.segments, task.flagged_segments, task.tokens,
+            task.reconnects, task.next_seq, task.timeline_end, task.created_at, task.started_at,
+            task.stopped_at))
+
+    def task(self, task_id: str, project_id: str | None = None) -> TaskRow | None:
+        sql = f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?"
+        args: tuple = (task_id,)
+        if project_id is not None:
+            sql += " AND project_id = ?"
+            args += (project_id,)
+        row = self.db.execute(sql, args).fetchone()
+        return None if row is None else _task(row)
+
+    def list_tasks(self, project_id: str, kind: str, state: str | None, page: int,
+                   page_size: int) -> tuple[list[TaskRow], int]:
+        where, args = "project_id = ? AND kind = ?", [project_id, kind]
+        if state:
+            where += " AND state = ?"
+            args.append(state)
+        total = self.db.execute(f"SELECT COUNT(*) FROM tasks WHERE {where}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE {where} ORDER BY created_at DESC, id "
+                               f"LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
+        return [_task(r) for r in rows], total
+
+    def tasks_in_state(self, *states: str) -> list[TaskRow]:
+        marks = ", ".join("?" * len(states))
+        rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN ({marks}) ORDER BY created_at",
+                               states).fetchall()
+        return [_task(r) for r in rows]
+
+    def set_task_state(self, task_id: str, state: str, *, final_status: int | None = None,
+                       final_message: str | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "UPDATE tasks SET state = ?, final_status = COALESCE(?, final_status), "
+            "final_message = COALESCE(?, final_message), "
+            "started_at = CASE WHEN ? = 'running' AND started_at IS NULL THEN ? ELSE started_at END, "
+            "stopped_at = CASE WHEN ? = 'stopped' THEN ? ELSE stopped_at END WHERE id = ?",
+            (state, final_status, final_message, state, now, state, now, task_id))
+
+    def add_reconnect(self, task_id: str) -> None:
+        self.db.execute("UPDATE tasks SET reconnects = reconnects + 1 WHERE id = ?", (task_id,))
+
+    # --- records ----------------------------------------------------------------
+
+    def append_record(self, task_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int = 0,
+                      flagged: bool = False, timeline_end: float | None = None) -> None:
+        """Store one record and charge its cost to the key, atomically.
+        Raises InsufficientBalance (and stores nothing) when the key cannot pay."""
+        with self._tx():
+            if cost:
+                cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
+                                      "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
+                if cur.rowcount == 0:
+                    raise InsufficientBalance(key_id)
+            self.db.execute("INSERT INTO records (task_id, seq, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
+                            (task_id, seq, status, body, time.time()))
+            self.db.execute(
+                "UPDATE tasks SET next_seq = MAX(next_seq, ? + 1), tokens = tokens + ?, "
+                "segments = segments + ?, flagged_segments = flagged_segments + ?, "
+                "timeline_end = COALESCE(?, timeline_end) WHERE id = ?",
+                (seq, cost, 1 if status in (0, -1) else 0, int(flagged), timeline_end, task_id))
+
+    def records(self, task_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        return self.db.execute("SELECT seq, body FROM records WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                               (task_id, after, limit)).fetchall()
+
+    def purge_records(self, older_than: float) -> int:
+        return self.db.execute("DELETE FROM records WHERE created_at < ?", (older_than,)).rowcount
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class AsyncStore:
+    """Runs every Store call on the store's own thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(self.sync, *args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.sync.close()
