@@ -240,9 +240,10 @@ async def stream_records(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 100, 1, 1000)
     rows = await runtime.store(Store.records, row.id, after, limit)
     items = [msgspec.Raw(body) for _, body in rows]
-    finished = row.state == "stopped" and len(rows) < limit
-    next_after = rows[-1][0] if rows else (None if finished else after)
-    return ok(RecordPage(items=items, next_after=None if finished and not rows else next_after))
+    # null once a stopped task has nothing more to give; otherwise where to poll from next
+    exhausted = row.state == "stopped" and len(rows) < limit
+    next_after = None if exhausted else (rows[-1][0] if rows else after)
+    return ok(RecordPage(items=items, next_after=next_after))
 
 
 def project_view(project) -> ProjectView:

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     mk = msub.add_parser("make-test", help="write the deterministic test bundle to DIR")
     mk.add_argument("dir", type=Path)
+    mk.add_argument("--busy-layers", type=_ranged_int(0, 64), default=0,
+                    help="make the image encoder deliberately slow (for load tests; ~0.3 GFLOP/frame each)")
     pull = msub.add_parser("pull", help="download a real CLIP bundle (e.g. clip-vit-b32)")
     pull.add_argument("name", help="built-in source name or path to a source JSON")
     pull.add_argument("--dest", type=Path, help="bundle directory (default <data-dir>/models/<name>)")
@@ -136,7 +138,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     action = args.models_command
     if action == "make-test":
         from .inference.testmodel import make_test_bundle
-        manifest = make_test_bundle(args.dir)
+        manifest = make_test_bundle(args.dir, busy_layers=args.busy_layers)
         print(f"wrote test bundle {manifest.name!r} to {args.dir}")
         return 0
     if action == "pull":

@@ -108,6 +108,14 @@ class SegmentPipeline:
         self.packets = 0
         self._codecs: str | None = None
         self._thumbnail = not (self.task_dir / "thumbnail.jpg").exists()
+        self.frames: list[tuple[Fraction, Future]] = []  # the open segment's frames
+
+    def cancel_frames(self) -> None:
+        """Withdraw the open segment's frames from inference (any thread): a
+        task ended at once has no use for them, and a shed one must not leave
+        its backlog behind."""
+        for _, fut in list(self.frames):
+            fut.cancel()
 
     def consume(self, source: MediaSource, should_stop: Callable[[], str | None] = lambda: None,
                 on_video: Callable[[], None] = lambda: None) -> str | None:
@@ -122,7 +130,7 @@ class SegmentPipeline:
         rate = video.average_rate or video.guessed_rate or 25
         frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
         analyzer = self.analyzer
-        frames: list[tuple[Fraction, Future]] = []
+        self.frames = frames = []
 
         def on_sample(sample: SampledFrame) -> None:
             assert analyzer is not None
@@ -155,7 +163,8 @@ class SegmentPipeline:
             self.segments += 1
             self.next_index = segment.index + 1
             self.timeline_end = segment.end
-            frames, mux_errors = [], 0
+            self.frames = frames = []
+            mux_errors = 0
 
         stopped = False
         try:

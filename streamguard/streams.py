@@ -12,10 +12,8 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import msgspec
 
 from .analysis import Analyzer
@@ -44,8 +42,8 @@ class RunningTask:
     done: asyncio.Future
     consumer: asyncio.Task | None = None
     next_seq: int = 0
-    ended_for_balance: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Ended at once (balance, shed): segments still in flight get no record.
+    discard: bool = False
 
 
 def validate_stream_request(req: StreamRequest) -> None:
@@ -167,8 +165,10 @@ class StreamService:
         row = task.row
         while (closed := await task.queue.get()) is not None:
             self.metrics.record_queue_depth.dec()
-            if task.ended_for_balance:
-                continue  # segments cut before the stop took effect are not paid, not sent
+            if task.discard:  # cut before the stop took effect: not paid, not sent
+                for _, fut in closed.frames:
+                    fut.cancel()
+                continue
             record = await assembler.build(closed)
             await self._store_segment(task, closed, record)
         end: TaskEnd = await task.done
@@ -191,14 +191,17 @@ class StreamService:
                              flagged=bool(moderation and moderation.has_unsafe_content),
                              timeline_end=float(closed.segment.end))
         except StoreInsufficientBalance:
-            task.ended_for_balance = True
-            task.supervisor.request_stop(StopMode.NOW, STATUS_NO_BALANCE,
-                                         f"insufficient balance to pay segment {closed.segment.index} "
-                                         f"({cost} tokens)")
+            self._end_now(task, STATUS_NO_BALANCE,
+                          f"insufficient balance to pay segment {closed.segment.index} ({cost} tokens)")
             return
         task.next_seq = closed.segment.index + 1
         self.metrics.segments.labels(str(body.status)).inc()
         self.metrics.segment_latency.observe(time.monotonic() - closed.closed_at)
+
+    def _end_now(self, task: RunningTask, status: int, message: str) -> None:
+        task.discard = True
+        task.supervisor.request_stop(StopMode.NOW, status, message)
+        task.supervisor.pipeline.cancel_frames()
 
     # --- capacity: shedding and draining ----------------------------------------------
 
@@ -206,22 +209,28 @@ class StreamService:
         self._shedder = asyncio.create_task(self._shed_loop(), name="shedder")
 
     async def _shed_loop(self, interval: float = 1.0, cooldown: float = 3.0) -> None:
+        """Shed the newest task while inference is more than the allowed
+        backlog behind real time *and* not catching up; after a shed, give the
+        remaining tasks time to work their backlog off."""
         limit = self.settings.limits.max_backlog_seconds
+        previous, last_shed = 0.0, float("-inf")
         while True:
             await asyncio.sleep(interval)
             self.metrics.queue_depth.set(self.analyzer.batcher.depth())
             lag = self.analyzer.batcher.oldest_wait()
-            if lag <= limit:
+            catching_up = lag < previous
+            previous = lag
+            if lag <= limit or catching_up or time.monotonic() - last_shed < cooldown:
                 continue
             victims = sorted((t for t in self.tasks.values() if not t.supervisor.stopping),
                              key=lambda t: t.row.created_at, reverse=True)
             if victims:
                 victim = victims[0]
                 log.warning("inference is %.1f s behind (limit %.1f s): shedding task %s", lag, limit, victim.row.id)
-                victim.supervisor.request_stop(StopMode.NOW, STATUS_CAPACITY,
-                                               f"capacity reached: inference fell {lag:.0f} s behind; task shed")
+                self._end_now(victim, STATUS_CAPACITY,
+                              f"capacity reached: inference fell {lag:.0f} s behind; task shed")
                 self.metrics.tasks_shed.labels("backlog").inc()
-                await asyncio.sleep(cooldown)  # let the backlog drain before judging again
+                last_shed = time.monotonic()
 
     async def drain(self) -> None:
         """SIGTERM: no new tasks; each running task ends with 16 after its in-flight segment."""

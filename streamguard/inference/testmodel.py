@@ -70,12 +70,32 @@ def _text_model(table: np.ndarray, path: Path) -> None:
         initializer=[numpy_helper.from_array(table.astype(np.float32), "token_embedding"),
                      numpy_helper.from_array(np.array([1], np.int64), "axis1")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="streamguard", ir_version=9)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="streamguard",
+                              ir_version=9)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
 
-def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, path: Path) -> None:
+def _busy_work(layers: int) -> tuple[list, list]:
+    """Nodes that cost real compute (~0.3 GFLOP per frame per layer) and change
+    nothing: for load tests that need inference to fall behind for real."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((1024, 1024)) / 32).astype(np.float32), "busy_w"),
+             numpy_helper.from_array(np.array([-1, 1024], np.int64), "busy_shape"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "busy_zero")]
+    nodes = [helper.make_node("Reshape", ["pixel_values", "busy_shape"], ["busy_0"])]
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [f"busy_{i}", "busy_w"], [f"busy_mm{i}"]),
+                  helper.make_node("Tanh", [f"busy_mm{i}"], [f"busy_{i + 1}"])]
+    nodes += [helper.make_node("ReduceSum", [f"busy_{layers}"], ["busy_sum"], keepdims=0),
+              helper.make_node("Mul", ["busy_sum", "busy_zero"], ["busy_nothing"])]
+    return nodes, inits
+
+
+def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, path: Path,
+                  busy_layers: int = 0) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -113,8 +133,12 @@ def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, p
         n("Sigmoid", ["f_s"], ["m"]),
         n("Sub", ["one", "m"], ["not_m"]),
         n("Mul", ["m", "red_embed"], ["e_red"]), n("Mul", ["not_m", "other_embed"], ["e_other"]),
-        n("Add", ["e_red", "e_other"], ["image_embeds"]),
+        n("Add", ["e_red", "e_other"], ["image_embeds" if not busy_layers else "embeds"]),
     ]
+    if busy_layers:
+        busy_nodes, busy_inits = _busy_work(busy_layers)
+        nodes += busy_nodes + [n("Add", ["embeds", "busy_nothing"], ["image_embeds"])]
+        inits += busy_inits
     graph = helper.make_graph(
         nodes, "streamguard_test_visual",
         [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE])],
@@ -126,8 +150,9 @@ def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, p
     onnx.save(model, str(path))
 
 
-def make_test_bundle(out_dir: Path) -> Manifest:
-    """Write the test bundle to out_dir (created if needed) and return its manifest."""
+def make_test_bundle(out_dir: Path, *, busy_layers: int = 0) -> Manifest:
+    """Write the test bundle to out_dir (created if needed) and return its manifest.
+    `busy_layers` > 0 makes the image encoder deliberately expensive (load tests)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = _groups()
@@ -166,7 +191,7 @@ def make_test_bundle(out_dir: Path) -> Manifest:
         text=TextEncoderSpec(file="textual.onnx", input="input_ids", output="text_embeds"),
         tokenizer=TokenizerSpec(file="tokenizer.json", context_length=CONTEXT, pad_id=vocab["<pad>"]),
     )
-    _visual_model(red_embed, safe, manifest.mean, manifest.std, out_dir / "visual.onnx")
+    _visual_model(red_embed, safe, manifest.mean, manifest.std, out_dir / "visual.onnx", busy_layers)
     _text_model(table, out_dir / "textual.onnx")
     _build_tokenizer(vocab, out_dir / "tokenizer.json")
     for name in ("visual.onnx", "textual.onnx", "tokenizer.json"):

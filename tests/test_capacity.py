@@ -1,0 +1,59 @@
+"""Load shedding for real: an image encoder made deliberately expensive, two
+live RTMP streams whose frames together outrun it. The node must shed the
+newest task with status 16 rather than let both fall behind."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from daemon import Daemon
+from live_servers import Publisher, RtmpServer, make_test_video
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture(scope="module")
+def slow_bundle(tmp_path_factory):
+    from streamguard.inference.testmodel import make_test_bundle
+    path = tmp_path_factory.mktemp("slow-bundle")
+    make_test_bundle(path, busy_layers=24)
+    return path
+
+
+def test_newest_task_is_shed_when_inference_falls_behind(slow_bundle, tmp_path):
+    video = make_test_video(tmp_path / "loop.mp4", seconds=10, red_ranges=())
+    env = {"STREAMGUARD_LIMITS__MAX_BACKLOG_SECONDS": "3", "STREAMGUARD_INFERENCE__MAX_BATCH": "4",
+           "STREAMGUARD_LIVE__NO_DATA_TIMEOUT": "30"}
+    with RtmpServer() as rtmp, Daemon(tmp_path / "data", slow_bundle, env=env) as d:
+        key = d.create_key("load")
+        pubs = [Publisher(video, rtmp.url(f"s{i}")) for i in range(3)]
+        for p in pubs:
+            p.start()
+        try:
+            body = {"enable_content_moderation": True, "fps": 20, "segment_seconds": 2}
+            tasks = []
+            for i in range(3):  # oldest first; one alone fits, all three outrun the encoder
+                tasks.append(d.call("POST", "/v1/streams", {**body, "url": rtmp.url(f"s{i}")},
+                                    key=key).body["data"]["task_id"])
+                time.sleep(0.5)
+
+            def first_shed():
+                views = [d.call("GET", f"/v1/streams/{t}", key=key).data for t in tasks]
+                stopped = [v for v in views if v["state"] == "stopped"]
+                return min(stopped, key=lambda v: v["stopped_at"]) if stopped else None
+
+            shed = d.wait_for(first_shed, 90, "a task to be shed")
+            assert shed["task_id"] == tasks[-1], "the newest task goes first"
+            assert shed["status"] == 16 and "capacity reached" in shed["message"]
+            last = d.records(shed["task_id"], key)[-1]["data"]
+            assert last["status"] == 16 and last["data"] is None
+            assert d.call("GET", f"/v1/streams/{tasks[0]}", key=key).data["state"] == "running"
+            metrics = d.call("GET", "/metrics").body.decode()
+            assert 'streamguard_tasks_shed_total{reason="backlog"}' in metrics
+            for t in tasks:
+                d.call("POST", f"/v1/streams/{t}/stop", key=key)
+        finally:
+            for p in pubs:
+                p.stop()
