@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 import msgspec
 
 from .analysis import Analyzer

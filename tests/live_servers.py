@@ -41,7 +41,6 @@ import tempfile
 import threading
 import time
 import weakref
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 

@@ -1,7 +1,6 @@
 """The test bundle's planted behaviour through the project's own scoring, the
 prompt-embedding cache, and the batcher."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import random
 import shutil
 import subprocess
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import pytest

@@ -13,7 +13,7 @@ model's input size, then centre-cropped: CLIP's reference preprocessing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
