@@ -20,10 +20,11 @@ from aiohttp import web
 from . import __version__
 from .errors import InputInvalid, NotFound, StreamGuardError, Unauthorized, Unavailable, UnsupportedMediaType
 from .runtime import Runtime
-from .schemas import (ErrorBody, ErrorEnvelope, Page, ProjectView, RecordPage, StreamRequest, StreamStarted,
-                      StreamStartedData, StreamTask, Success, TaskCounters, WebhookView)
+from .delivery import EVENTS, validate_url
+from .schemas import (Delivery, ErrorBody, ErrorEnvelope, Page, ProjectView, RecordPage, StreamRequest, StreamStarted,
+                      StreamStartedData, StreamTask, Success, TaskCounters, WebhookUpdate, WebhookView)
 from .store import Store
-from .store.sqlite import Principal, TaskRow
+from .store.sqlite import DeliveryRow, Principal, TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,58 @@ def project_view(project) -> ProjectView:
                                            events=project.webhook_events))
 
 
+async def put_webhook(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    update = await decode_json(request, WebhookUpdate)
+    unknown = sorted(set(update.events) - set(EVENTS))
+    if unknown:
+        raise InputInvalid(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}",
+                           details={"field": "events"})
+    if update.url is not None:
+        await validate_url(update.url, "url", runtime.settings.delivery.allow_private)
+    project = await runtime.store(Store.set_webhook, principal_of(request).project_id, update.url, update.events)
+    return ok(project_view(project))
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    project = await runtime.store(Store.rotate_secret, principal_of(request).project_id,
+                                  runtime.settings.delivery.secret_grace_seconds)
+    return ok(project_view(project))
+
+
+def delivery_view(row: DeliveryRow) -> Delivery:
+    return Delivery(id=row.id, eventId=row.event_id, event=row.event, url=row.url, taskId=row.task_id,
+                    status=row.status, attempts=row.attempts, lastStatusCode=row.last_status_code,
+                    lastError=row.last_error, createdAt=iso(row.created_at) or "",
+                    nextAttemptAt=iso(row.next_attempt_at) if row.status == "pending" else None,
+                    deliveredAt=iso(row.delivered_at))
+
+
+DELIVERY_STATES = ("pending", "delivered", "failed")
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    status = request.query.get("status") or None
+    if status is not None and status not in DELIVERY_STATES:
+        raise InputInvalid(f"status must be one of {', '.join(DELIVERY_STATES)}", details={"field": "status"})
+    page = query_int(request, "page", 1, 1, 1_000_000)
+    size = query_int(request, "pageSize", 20, 1, 100)
+    rows, total = await runtime.store(Store.deliveries, principal_of(request).project_id, status, page, size)
+    return ok(Page(items=[delivery_view(r) for r in rows], total=total, page=page, pageSize=size))
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    row = await runtime.store(Store.retry_delivery, request.match_info["delivery_id"],
+                              principal_of(request).project_id)
+    if row is None:
+        raise NotFound(f"delivery {request.match_info['delivery_id']} not found")
+    runtime.delivery.wake()
+    return ok(delivery_view(row))
+
+
 async def get_project(request: web.Request) -> web.Response:
     project = await request.app[RUNTIME].store(Store.project, principal_of(request).project_id)
     if project is None:
@@ -287,6 +340,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/streams/{task_id}/records", stream_records,
           "Stored per-segment records (?after=&limit=), in segment order", None, RecordPage),
     Route("GET", "/v1/project", get_project, "The caller's project and webhook settings", None, ProjectView),
+    Route("PUT", "/v1/project/webhook", put_webhook, "Set the project webhook URL and subscribed events",
+          WebhookUpdate, ProjectView),
+    Route("POST", "/v1/project/webhook/rotate-secret", rotate_secret,
+          "New signing secret; the old one keeps signing during the grace period", None, ProjectView),
+    Route("GET", "/v1/deliveries", list_deliveries, "Deliveries of records and events (?status=&page=&pageSize=)",
+          None, Page),
+    Route("POST", "/v1/deliveries/{delivery_id}/retry", retry_delivery, "Send a delivery again", None, Delivery),
 )
 
 

@@ -76,6 +76,9 @@ class PipelineSettings(_Section, kw_only=True):
 class LiveSettings(_Section, kw_only=True):
     # A task ends with status 15 after this many seconds without video.
     no_data_timeout: PosFloat = 30.0
+    # Connect/open timeout for live sources; also bounds how long a stop waits
+    # for a source that is still connecting.
+    open_timeout: PosFloat = 5.0
     # Read timeout for live sources; also bounds how long a stop waits for a
     # silent source.
     read_timeout: PosFloat = 5.0
@@ -93,6 +96,24 @@ class LimitsSettings(_Section, kw_only=True):
     drain_timeout: PosFloat = 90.0
 
 
+class DeliverySettings(_Section, kw_only=True):
+    # Refuse callback/webhook URLs that resolve to private, loopback or
+    # link-local addresses unless this is true.
+    allow_private: bool = False
+    # Any 2xx within this many seconds is success.
+    timeout: PosFloat = 10.0
+    # Attempts before a delivery is marked failed; the waits between them grow
+    # from retry_base_seconds, doubling up to retry_max_seconds, with jitter
+    # (defaults: 20 attempts over about a day).
+    max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 20
+    retry_base_seconds: PosFloat = 5.0
+    retry_max_seconds: PosFloat = 10800.0
+    # Requests in flight at once, across all destinations.
+    max_in_flight: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    # After a secret rotation the old secret keeps signing for this long.
+    secret_grace_seconds: Annotated[float, Meta(ge=0)] = 86400.0
+
+
 class Settings(_Section, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -101,6 +122,7 @@ class Settings(_Section, kw_only=True):
     pipeline: PipelineSettings = msgspec.field(default_factory=PipelineSettings)
     live: LiveSettings = msgspec.field(default_factory=LiveSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
 
     @property
     def data_dir(self) -> Path:

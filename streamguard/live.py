@@ -54,7 +54,7 @@ class LiveSupervisor:
         self.pipeline = pipeline
         self.settings = settings
         self.source_options = SourceOptions(
-            open_timeout=source_options.open_timeout,
+            open_timeout=min(source_options.open_timeout, settings.open_timeout),
             read_timeout=min(settings.read_timeout, settings.no_data_timeout),
             decode_threads=source_options.decode_threads,
         )

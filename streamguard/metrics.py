@@ -39,6 +39,18 @@ class Metrics:
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)
 
+        self.deliveries = Counter("streamguard_deliveries_total",
+                                  "Delivery attempts by result: delivered, retry (will try again), failed (gave up).",
+                                  ["result"], registry=r)
+        self.delivery_attempts = Counter("streamguard_delivery_attempts_total",
+                                         "HTTP requests made to deliver records and events.", registry=r)
+        self.outbox_depth = Gauge("streamguard_outbox_pending", "Deliveries waiting in the outbox.", registry=r)
+        self.outbox_oldest_age = Gauge("streamguard_outbox_oldest_age_seconds",
+                                       "Age of the oldest pending delivery.", registry=r)
+        self.delivery_latency = Histogram(
+            "streamguard_delivery_latency_seconds", "Time from a record or event being stored to its acknowledgement.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600), registry=r)
+
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)

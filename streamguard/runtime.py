@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .analysis import Analyzer, resolve_model_dir
 from .config import Settings
+from .delivery import DeliveryWorker
 from .metrics import Metrics
 from .store import AsyncStore, Store
 from .streams import StreamService
@@ -26,6 +27,7 @@ class Runtime:
     analyzer: Analyzer
     metrics: Metrics
     streams: StreamService
+    delivery: DeliveryWorker
     started_at: float
 
     @property
@@ -43,15 +45,18 @@ class Runtime:
             None, lambda: Analyzer.create(settings, resolve_model_dir(settings, model_dir), metrics.on_batch))
         await loop.run_in_executor(None, analyzer.prepare)
         public = settings.server.public_url or f"http://{settings.server.host}:{settings.server.port}"
-        streams = StreamService(settings, store, analyzer, metrics, public)
-        ended = await streams.end_orphans()
-        if ended:
-            log.warning("%d task(s) left running by a previous process ended with status 16", ended)
+        delivery = DeliveryWorker(store, settings.delivery, metrics)
+        delivery.start()
+        streams = StreamService(settings, store, analyzer, metrics, public, delivery)
+        resumed = await streams.resume_orphans()
+        if resumed:
+            log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
-        return cls(settings, store, analyzer, metrics, streams, time.time())
+        return cls(settings, store, analyzer, metrics, streams, delivery, time.time())
 
     async def close(self) -> None:
         await self.streams.drain()
+        await self.delivery.close()
         self.analyzer.close()
         self.store.close()
 

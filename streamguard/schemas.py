@@ -197,3 +197,26 @@ class ErrorEnvelope(_Wire, kw_only=True):
 class Success(_Wire, kw_only=True):
     success: bool = True
     data: Any
+
+
+class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """PUT /v1/project/webhook. url null removes the webhook; events empty or
+    absent subscribes to every event."""
+
+    url: str | None
+    events: list[str] = []
+
+
+class Delivery(_Wire, kw_only=True):
+    id: str
+    eventId: str
+    event: str
+    url: str
+    taskId: str | None
+    status: str  # pending | delivered | failed
+    attempts: int
+    lastStatusCode: int | None
+    lastError: str | None
+    createdAt: str
+    nextAttemptAt: str | None
+    deliveredAt: str | None

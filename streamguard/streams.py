@@ -13,9 +13,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
 import msgspec
 
 from .analysis import Analyzer
+from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items, validate_url
 from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
 from .live import LiveSupervisor, TaskEnd
@@ -26,7 +29,7 @@ from .schemas import (STATUS_CAPACITY, STATUS_ERROR, STATUS_NO_BALANCE, STATUS_U
                       StreamRequest, encoder, status_record)
 from .store import AsyncStore
 from .store.sqlite import InsufficientBalance as StoreInsufficientBalance
-from .store.sqlite import Principal, Store, TaskRow, new_id
+from .store.sqlite import OutboxItem, Principal, Store, TaskRow, new_id
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,45 @@ def validate_stream_request(req: StreamRequest) -> None:
                                  f"use [\"source\"]", details={"field": "renditions"})
 
 
+Event = tuple[str, str, bytes]  # (event name, event id, body)
+
+
+def _outbox(store: Store, row: TaskRow, events: list[Event]) -> list[OutboxItem]:
+    project = store.project(row.project_id)
+    if project is None:
+        return []
+    callback = row.params.get("callback_url")
+    return [item for name, event_id, body in events
+            for item in outbox_items(project, row.id, callback, name, body, event_id)]
+
+
+def store_task(store: Store, row: TaskRow, events: list[Event]) -> None:
+    """Runs on the store thread: the task and its events in one transaction."""
+    store.create_task(row, outbox=_outbox(store, row, events))
+
+
+def store_record(store: Store, row: TaskRow, seq: int, status: int, body: bytes, events: list[Event],
+                 **kwargs: Any) -> None:
+    """Runs on the store thread: record, charge and deliveries in one transaction."""
+    store.append_record(row.id, row.key_id, seq, status, body, outbox=_outbox(store, row, events), **kwargs)
+
+
+def segment_event(record_body: bytes) -> Event:
+    return ("stream.segment", new_event_id(), record_body)
+
+
+def task_event(name: str, row: TaskRow, data: dict[str, Any]) -> Event:
+    event_id = new_event_id()
+    return (name, event_id, envelope(name, event_id, row.project_id, row.params.get("metadata"),
+                                     {"task_id": row.id, "url": row.url, **data}))
+
+
 class StreamService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer, metrics: Metrics,
-                 public_url: str) -> None:
+                 public_url: str, delivery: DeliveryWorker) -> None:
         self.settings = settings
         self.store = store
+        self.delivery = delivery
         self.analyzer = analyzer
         self.metrics = metrics
         self.media_root = settings.data_dir / "media"
@@ -97,9 +134,12 @@ class StreamService:
         balance = await self.store(Store.balance, principal.key_id)
         if balance is not None and balance <= 0:
             raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
+        if req.callback_url:
+            await validate_url(req.callback_url, "callback_url", self.settings.delivery.allow_private)
         row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id, kind="stream",
                       url=req.url, params=msgspec.to_builtins(req), state="starting", created_at=time.time())
-        await self.store(Store.create_task, row)
+        await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
+        self.delivery.wake()
         self._launch(row, req)
         return row
 
@@ -115,7 +155,8 @@ class StreamService:
             loop.call_soon_threadsafe(queue.put_nowait, closed)
             self.metrics.record_queue_depth.inc()
 
-        pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=row.next_seq)
+        pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=row.next_seq,
+                                   timeline_start=Fraction(row.timeline_end).limit_denominator(90000))
         p = self.settings.pipeline
         supervisor = LiveSupervisor(
             row.id, row.url, pipeline, SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads),
@@ -171,22 +212,31 @@ class StreamService:
             record = await assembler.build(closed)
             await self._store_segment(task, closed, record)
         end: TaskEnd = await task.done
-        final = status_record(row.id, end.status, end.message)
-        await self.store(Store.append_record, row.id, row.key_id, task.next_seq, end.status, encoder.encode(final))
-        await self.store(Store.set_task_state, row.id, "stopped", final_status=end.status, final_message=end.message)
+        await self._store_end(row, task.next_seq, end)
         self.metrics.segments.labels(str(end.status)).inc()
         self.metrics.tasks_ended.labels(str(end.status)).inc()
         self.metrics.active_tasks.dec()
         self.tasks.pop(row.id, None)
         log.info("task %s ended: %s %s", row.id, end.status, end.message)
 
+    async def _store_end(self, row: TaskRow, seq: int, end: TaskEnd) -> None:
+        """The terminal record, the stream.stopped event and the final state, at once."""
+        final = encoder.encode(status_record(row.id, end.status, end.message))
+        current = await self.store(Store.task, row.id)
+        counts = {"segments": current.segments, "flagged_segments": current.flagged_segments} if current else {}
+        stopped = task_event("stream.stopped", row, {"status": end.status, "reason": end.message, **counts})
+        await self.store(store_record, row, seq, end.status, final, [segment_event(final), stopped],
+                         final_state=(end.status, end.message))
+        self.delivery.wake()
+
     async def _store_segment(self, task: RunningTask, closed: ClosedSegment, record: SegmentRecord) -> None:
         body = record.data
         cost = body.token.total if body.token is not None else 0
         moderation = body.data.content_moderation if body.data is not None else None
+        encoded = encoder.encode(record)
         try:
-            await self.store(Store.append_record, task.row.id, task.row.key_id, closed.segment.index, body.status,
-                             encoder.encode(record), cost=cost,
+            await self.store(store_record, task.row, closed.segment.index, body.status, encoded,
+                             [segment_event(encoded)], cost=cost,
                              flagged=bool(moderation and moderation.has_unsafe_content),
                              timeline_end=float(closed.segment.end))
         except StoreInsufficientBalance:
@@ -194,6 +244,7 @@ class StreamService:
                           f"insufficient balance to pay segment {closed.segment.index} ({cost} tokens)")
             return
         task.next_seq = closed.segment.index + 1
+        self.delivery.wake()
         self.metrics.segments.labels(str(body.status)).inc()
         self.metrics.segment_latency.observe(time.monotonic() - closed.closed_at)
 
@@ -248,14 +299,12 @@ class StreamService:
                 task.supervisor.escalate()
             await asyncio.wait(pending, timeout=30)
 
-    async def end_orphans(self) -> int:
-        """Tasks a previous process left running (it crashed or was killed):
-        they end with 16 so no task stays 'running' forever."""
+    async def resume_orphans(self) -> int:
+        """Tasks a previous process left running (it crashed or was killed)
+        carry on: same task, next segment_index, continuous timeline."""
         rows = await self.store(Store.tasks_in_state, "starting", "running")
         for row in rows:
-            final = status_record(row.id, STATUS_CAPACITY, "node restarted")
-            await self.store(Store.append_record, row.id, row.key_id, row.next_seq, STATUS_CAPACITY,
-                             encoder.encode(final))
-            await self.store(Store.set_task_state, row.id, "stopped", final_status=STATUS_CAPACITY,
-                             final_message="node restarted")
+            req = msgspec.convert(row.params, StreamRequest)
+            log.warning("resuming task %s at segment %d (%.3f s)", row.id, row.next_seq, row.timeline_end)
+            self._launch(row, req)
         return len(rows)

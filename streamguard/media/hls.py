@@ -75,6 +75,28 @@ class SourceRendition:
         self.video_in: av.video.stream.VideoStream | None = None
         self.audio_in: av.audio.stream.AudioStream | None = None
         self.width = self.height = 0
+        if next_index:
+            self.entries = self._load_entries(next_index)
+
+    def _load_entries(self, next_index: int) -> list[PlaylistEntry]:
+        """A resumed task keeps the segments it had stored (those before
+        next_index); cut-but-unstored ones are cut again."""
+        path = self.dir / "playlist.m3u8"
+        if not path.exists():
+            return []
+        entries, duration, disc = [], 0.0, False
+        for line in path.read_text().splitlines():
+            if line.startswith("#EXTINF:"):
+                duration = float(line[8:].split(",")[0])
+            elif line == "#EXT-X-DISCONTINUITY":
+                disc = True
+            elif line.startswith("segment_") and line.endswith(".ts"):
+                index = int(line[8:-3])
+                seg = self.dir / line
+                if index < next_index and seg.exists():
+                    entries.append(PlaylistEntry(index, duration, seg.stat().st_size, disc))
+                disc = False
+        return entries
 
     def bind(self, video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None, *,
              discontinuity: bool = False) -> None:

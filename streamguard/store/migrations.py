@@ -52,4 +52,30 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX records_created ON records(created_at);
     """,
+    # 2: the delivery outbox (records and events, written with what they report)
+    """
+    CREATE TABLE deliveries (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,   -- global order; per stream_key it is the delivery order
+        id TEXT NOT NULL UNIQUE,
+        event_id TEXT NOT NULL,                -- webhook-id: the same on every attempt
+        project_id TEXT NOT NULL,
+        task_id TEXT,
+        url TEXT NOT NULL,
+        stream_key TEXT NOT NULL,              -- ordering scope: one task at one destination
+        event TEXT NOT NULL,
+        body BLOB NOT NULL,
+        status TEXT NOT NULL,                  -- pending | delivered | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        last_status_code INTEGER,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX deliveries_head ON deliveries(stream_key, status, n);
+    CREATE INDEX deliveries_due ON deliveries(status, next_attempt_at);
+    CREATE INDEX deliveries_project ON deliveries(project_id, status, n);
+    ALTER TABLE projects ADD COLUMN previous_secret TEXT;
+    ALTER TABLE projects ADD COLUMN previous_secret_expires_at REAL;
+    """,
 )

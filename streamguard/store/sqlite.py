@@ -46,6 +46,15 @@ class Project:
     webhook_events: list[str]
     webhook_secret: str
     created_at: float
+    previous_secret: str | None = None
+    previous_secret_expires_at: float | None = None
+
+    def signing_secrets(self, now: float) -> list[str]:
+        """The current secret, plus the previous one during its grace period."""
+        secrets_ = [self.webhook_secret]
+        if self.previous_secret and (self.previous_secret_expires_at or 0) > now:
+            secrets_.append(self.previous_secret)
+        return secrets_
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,42 @@ class InsufficientBalance(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class OutboxItem:
+    """One event for one destination, written with the data it reports."""
+
+    event_id: str
+    project_id: str
+    task_id: str | None
+    url: str
+    event: str
+    body: bytes
+
+
+@dataclass
+class DeliveryRow:
+    n: int
+    id: str
+    event_id: str
+    project_id: str
+    task_id: str | None
+    url: str
+    stream_key: str
+    event: str
+    body: bytes
+    status: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    last_status_code: int | None
+    created_at: float
+    delivered_at: float | None
+
+
+_DELIVERY_COLS = ("n, id, event_id, project_id, task_id, url, stream_key, event, body, status, attempts, "
+                  "next_attempt_at, last_error, last_status_code, created_at, delivered_at")
+
+
 class Store:
     """Synchronous store; use it from one thread (AsyncStore does that)."""
 
@@ -141,20 +186,34 @@ class Store:
 
     # --- projects and keys ---------------------------------------------------
 
+    _PROJECT = ("SELECT id, name, webhook_url, webhook_events, webhook_secret, created_at, previous_secret, "
+                "previous_secret_expires_at FROM projects WHERE ")
+
+    @staticmethod
+    def _project(row: tuple | None) -> Project | None:
+        if row is None:
+            return None
+        return Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7])
+
     def project_by_name(self, name: str, create: bool = False) -> Project | None:
-        row = self.db.execute("SELECT id, name, webhook_url, webhook_events, webhook_secret, created_at "
-                              "FROM projects WHERE name = ?", (name,)).fetchone()
+        row = self.db.execute(self._PROJECT + "name = ?", (name,)).fetchone()
         if row is None and create:
             pid = new_id("prj")
             self.db.execute("INSERT INTO projects (id, name, webhook_secret, created_at) VALUES (?, ?, ?, ?)",
                             (pid, name, new_webhook_secret(), time.time()))
             return self.project(pid)
-        return None if row is None else Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+        return self._project(row)
 
     def project(self, project_id: str) -> Project | None:
-        row = self.db.execute("SELECT id, name, webhook_url, webhook_events, webhook_secret, created_at "
-                              "FROM projects WHERE id = ?", (project_id,)).fetchone()
-        return None if row is None else Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+        return self._project(self.db.execute(self._PROJECT + "id = ?", (project_id,)).fetchone())
+
+    def rotate_secret(self, project_id: str, grace_seconds: float) -> Project:
+        self.db.execute("UPDATE projects SET previous_secret = webhook_secret, previous_secret_expires_at = ?, "
+                        "webhook_secret = ? WHERE id = ?", (time.time() + grace_seconds, new_webhook_secret(),
+                                                            project_id))
+        project = self.project(project_id)
+        assert project is not None
+        return project
 
     def set_webhook(self, project_id: str, url: str | None, events: list[str]) -> Project:
         self.db.execute("UPDATE projects SET webhook_url = ?, webhook_events = ? WHERE id = ?",
@@ -209,7 +268,12 @@ class Store:
 
     # --- tasks ----------------------------------------------------------------
 
-    def create_task(self, task: TaskRow) -> None:
+    def create_task(self, task: TaskRow, outbox: list[OutboxItem] = ()) -> None:  # type: ignore[assignment]
+        with self._tx():
+            self._insert_task(task)
+            self._enqueue(outbox)
+
+    def _insert_task(self, task: TaskRow) -> None:
         self.db.execute(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 18)})", (
             task.id, task.project_id, task.key_id, task.kind, task.url, json.dumps(task.params), task.state,
             task.final_status, task.final_message, task.segments, task.flagged_segments, task.tokens,
@@ -258,8 +322,10 @@ class Store:
     # --- records ----------------------------------------------------------------
 
     def append_record(self, task_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int = 0,
-                      flagged: bool = False, timeline_end: float | None = None) -> None:
-        """Store one record and charge its cost to the key, atomically.
+                      flagged: bool = False, timeline_end: float | None = None,
+                      outbox: list[OutboxItem] = (), final_state: tuple[int, str] | None = None) -> None:  # type: ignore[assignment]
+        """Store one record, charge its cost to the key and queue its deliveries,
+        atomically (a terminal record also closes the task: `final_state`).
         Raises InsufficientBalance (and stores nothing) when the key cannot pay."""
         with self._tx():
             if cost:
@@ -274,6 +340,78 @@ class Store:
                 "segments = segments + ?, flagged_segments = flagged_segments + ?, "
                 "timeline_end = COALESCE(?, timeline_end) WHERE id = ?",
                 (seq, cost, 1 if status in (0, -1) else 0, int(flagged), timeline_end, task_id))
+            self._enqueue(outbox)
+            if final_state is not None:
+                self.set_task_state(task_id, "stopped", final_status=final_state[0], final_message=final_state[1])
+
+    # --- the delivery outbox ------------------------------------------------------
+
+    def _enqueue(self, items: list[OutboxItem]) -> None:
+        now = time.time()
+        self.db.executemany(
+            "INSERT INTO deliveries (id, event_id, project_id, task_id, url, stream_key, event, body, status, "
+            "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            [(new_id("dlv"), i.event_id, i.project_id, i.task_id, i.url,
+              f"{i.task_id or i.event_id}|{i.url}", i.event, i.body, now, now) for i in items])
+
+    def enqueue(self, items: list[OutboxItem]) -> None:
+        with self._tx():
+            self._enqueue(items)
+
+    def due_deliveries(self, now: float, limit: int, busy_keys: set[str]) -> list[DeliveryRow]:
+        """Pending deliveries that are due and first in line for their stream
+        (task x destination): order within a stream is never broken."""
+        rows = self.db.execute(
+            f"SELECT {_DELIVERY_COLS} FROM deliveries d WHERE status = 'pending' AND next_attempt_at <= ? "
+            "AND n = (SELECT MIN(n) FROM deliveries e WHERE e.stream_key = d.stream_key AND e.status = 'pending') "
+            "ORDER BY next_attempt_at, n LIMIT ?", (now, limit + len(busy_keys))).fetchall()
+        out = [DeliveryRow(*r) for r in rows]
+        return [r for r in out if r.stream_key not in busy_keys][:limit]
+
+    def next_due(self) -> float | None:
+        row = self.db.execute("SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'").fetchone()
+        return row[0]
+
+    def delivery_done(self, delivery_id: str, status_code: int) -> None:
+        self.db.execute("UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, "
+                        "last_status_code = ?, last_error = NULL WHERE id = ?", (time.time(), status_code,
+                                                                               delivery_id))
+
+    def delivery_failed_attempt(self, delivery_id: str, error: str, status_code: int | None,
+                                next_attempt_at: float | None) -> None:
+        """Count a failed attempt; None for next_attempt_at means give up (failed)."""
+        self.db.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, last_status_code = ?, "
+            "status = CASE WHEN ? IS NULL THEN 'failed' ELSE 'pending' END, "
+            "next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+            (error, status_code, next_attempt_at, next_attempt_at, delivery_id))
+
+    def deliveries(self, project_id: str, status: str | None, page: int,
+                   page_size: int) -> tuple[list[DeliveryRow], int]:
+        where, args = "project_id = ?", [project_id]
+        if status:
+            where += " AND status = ?"
+            args.append(status)
+        total = self.db.execute(f"SELECT COUNT(*) FROM deliveries WHERE {where}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE {where} ORDER BY n DESC "
+                               "LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
+        return [DeliveryRow(*r) for r in rows], total
+
+    def delivery(self, delivery_id: str, project_id: str) -> DeliveryRow | None:
+        row = self.db.execute(f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE id = ? AND project_id = ?",
+                              (delivery_id, project_id)).fetchone()
+        return None if row is None else DeliveryRow(*row)
+
+    def retry_delivery(self, delivery_id: str, project_id: str) -> DeliveryRow | None:
+        """Send a delivery again from now, with a fresh set of attempts."""
+        self.db.execute("UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+                        "delivered_at = NULL WHERE id = ? AND project_id = ?", (time.time(), delivery_id,
+                                                                                project_id))
+        return self.delivery(delivery_id, project_id)
+
+    def outbox_stats(self) -> tuple[int, float | None]:
+        """Pending deliveries and the creation time of the oldest."""
+        return self.db.execute("SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'").fetchone()
 
     def records(self, task_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         return self.db.execute("SELECT seq, body FROM records WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
