@@ -29,6 +29,7 @@ class Runtime:
     streams: StreamService
     delivery: DeliveryWorker
     started_at: float
+    _retention: asyncio.Task | None = None
 
     @property
     def public_url(self) -> str:
@@ -52,9 +53,21 @@ class Runtime:
         if resumed:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
-        return cls(settings, store, analyzer, metrics, streams, delivery, time.time())
+        runtime = cls(settings, store, analyzer, metrics, streams, delivery, time.time())
+        runtime._retention = asyncio.create_task(runtime._retention_loop(), name="retention")
+        return runtime
+
+    async def _retention_loop(self, interval: float = 3600.0) -> None:
+        keep = self.settings.storage.retention_days * 86400
+        while True:
+            purged = await self.store(Store.purge, time.time() - keep)
+            if purged:
+                log.info("retention: purged %d record(s) older than %g days", purged,
+                         self.settings.storage.retention_days)
+            await asyncio.sleep(interval)
 
     async def close(self) -> None:
+        self._retention.cancel()
         await self.streams.drain()
         await self.delivery.close()
         self.analyzer.close()

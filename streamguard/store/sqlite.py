@@ -417,8 +417,13 @@ class Store:
         return self.db.execute("SELECT seq, body FROM records WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                                (task_id, after, limit)).fetchall()
 
-    def purge_records(self, older_than: float) -> int:
-        return self.db.execute("DELETE FROM records WHERE created_at < ?", (older_than,)).rowcount
+    def purge(self, older_than: float) -> int:
+        """Retention: records, and settled deliveries, older than the cut-off.
+        Pending deliveries are kept whatever their age."""
+        with self._tx():
+            n = self.db.execute("DELETE FROM records WHERE created_at < ?", (older_than,)).rowcount
+            self.db.execute("DELETE FROM deliveries WHERE created_at < ? AND status != 'pending'", (older_than,))
+        return n
 
 
 class _Transaction:

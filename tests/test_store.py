@@ -1,0 +1,80 @@
+"""The SQLite store: migrations, keys, atomic charging, outbox order, retention."""
+
+import sqlite3
+import time
+
+import pytest
+
+from streamguard.store import Store
+from streamguard.store.migrations import MIGRATIONS
+from streamguard.store.sqlite import InsufficientBalance, OutboxItem, TaskRow, hash_key
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "sg.db")
+    yield s
+    s.close()
+
+
+def task(store: Store, key_id: str, project_id: str) -> TaskRow:
+    row = TaskRow(id="tsk_1", project_id=project_id, key_id=key_id, kind="stream", url="rtmp://x", params={},
+                  state="running", created_at=time.time())
+    store.create_task(row)
+    return row
+
+
+def test_wal_and_migrations_are_applied_once(tmp_path):
+    s = Store(tmp_path / "a.db")
+    assert s.schema_version == len(MIGRATIONS)
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    again = Store(tmp_path / "a.db")  # reopening migrates nothing
+    assert again.schema_version == len(MIGRATIONS)
+    again.close()
+
+
+def test_keys_are_stored_hashed(store, tmp_path):
+    key, info = store.create_key("acme", 100)
+    raw = sqlite3.connect(tmp_path / "sg.db").execute("SELECT key_hash FROM api_keys").fetchall()
+    assert raw == [(hash_key(key),)] and key not in str(raw)
+    assert store.authenticate(key).project_id == info.project_id
+    store.revoke_key(info.id)
+    assert store.authenticate(key) is None
+
+
+def test_charge_is_atomic_with_the_record(store):
+    key, info = store.create_key("acme", 120)
+    row = task(store, info.id, info.project_id)
+    store.append_record(row.id, info.id, 0, 0, b"{}", cost=100)
+    with pytest.raises(InsufficientBalance):
+        store.append_record(row.id, info.id, 1, 0, b"{}", cost=100)
+    assert store.balance(info.id) == 20
+    assert [seq for seq, _ in store.records(row.id, -1, 10)] == [0]  # nothing stored for the unpaid one
+
+
+def test_outbox_heads_keep_order_per_stream(store):
+    key, info = store.create_key("acme")
+    row = task(store, info.id, info.project_id)
+    items = [OutboxItem(f"msg_{i}", info.project_id, row.id, url, "stream.segment", b"{}")
+             for i in range(3) for url in ("http://a.example/", "http://b.example/")]
+    store.enqueue(items)
+    due = store.due_deliveries(time.time() + 1, 10, set())
+    assert [(d.url, d.event_id) for d in due] == [("http://a.example/", "msg_0"), ("http://b.example/", "msg_0")]
+    store.delivery_failed_attempt(due[0].id, "HTTP 500", 500, time.time() + 60)  # a's head waits
+    store.delivery_done(due[1].id, 204)
+    due = store.due_deliveries(time.time() + 1, 10, set())
+    assert [(d.url, d.event_id) for d in due] == [("http://b.example/", "msg_1")]  # a is not overtaken
+
+
+def test_retention_purges_old_records_and_settled_deliveries(store):
+    key, info = store.create_key("acme")
+    row = task(store, info.id, info.project_id)
+    store.append_record(row.id, info.id, 0, 0, b"{}", outbox=[
+        OutboxItem("msg_0", info.project_id, row.id, "http://a.example/", "stream.segment", b"{}")])
+    store.db.execute("UPDATE records SET created_at = created_at - 10 * 86400")
+    store.db.execute("UPDATE deliveries SET created_at = created_at - 10 * 86400")
+    store.append_record(row.id, info.id, 1, 0, b"{}")
+    assert store.purge(time.time() - 3 * 86400) == 1
+    assert [seq for seq, _ in store.records(row.id, -1, 10)] == [1]
+    assert store.outbox_stats()[0] == 1  # the old one was still pending: kept
