@@ -95,6 +95,14 @@ class LiveSupervisor:
             return StopMode.NOW
         return None
 
+    def _attempt_options(self) -> SourceOptions:
+        """Opening may not outlast the no-data deadline (a server that accepts
+        and stays silent must still end the task on time)."""
+        remaining = self.settings.no_data_timeout - (time.monotonic() - self._last_video)
+        opts = self.source_options
+        return SourceOptions(open_timeout=max(0.5, min(opts.open_timeout, remaining)),
+                             read_timeout=opts.read_timeout, decode_threads=opts.decode_threads)
+
     def _on_video(self) -> None:
         self._last_video = time.monotonic()
         if not self._connected_once:
@@ -106,7 +114,7 @@ class LiveSupervisor:
         try:
             while self._stop is None:
                 got_video_before = self._last_video
-                source = MediaSource(self.url, self.source_options, timeline_start=self.pipeline.timeline_end)
+                source = MediaSource(self.url, self._attempt_options(), timeline_start=self.pipeline.timeline_end)
                 exc: BaseException | None = None
                 try:
                     source.open()

@@ -166,20 +166,19 @@ class SegmentPipeline:
             self.frames = frames = []
             mux_errors = 0
 
-        stopped = False
+        stopped_at_cut = False
         try:
             for packet in source.packets():
+                if should_stop() == StopMode.NOW:
+                    break  # before this packet counts anywhere: the open segment ends with what it has
                 self.packets += 1
                 is_video = packet.stream is video
                 closed = segmenter.feed(packet, is_video, frame_ticks)
                 if closed is not None:
                     close(closed)
                     if should_stop():
-                        stopped = True
+                        stopped_at_cut = True  # the cut keyframe opened no segment worth keeping
                         break
-                elif should_stop() == StopMode.NOW:
-                    stopped = True
-                    break
                 if is_video:
                     on_video()
                     sampler.feed(packet)
@@ -188,7 +187,7 @@ class SegmentPipeline:
                 except av.error.FFmpegError as exc:
                     mux_errors += 1
                     log.debug("mux error in %s: %s", source.url, exc)
-            if not stopped or segmenter.packets_in_segment:
+            if not stopped_at_cut:
                 last = segmenter.finish()
                 if last is not None:
                     close(last)
