@@ -223,13 +223,17 @@ async def get_stream(request: web.Request) -> web.Response:
 STATES = ("starting", "running", "stopped")
 
 
+def page_query(request: web.Request, filter_name: str, allowed: tuple[str, ...]) -> tuple[str | None, int, int]:
+    """?<filter>=&page=&pageSize= of the list routes, validated."""
+    value = request.query.get(filter_name) or None
+    if value is not None and value not in allowed:
+        raise InputInvalid(f"{filter_name} must be one of {', '.join(allowed)}", details={"field": filter_name})
+    return value, query_int(request, "page", 1, 1, 1_000_000), query_int(request, "pageSize", 20, 1, 100)
+
+
 async def list_streams(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    state = request.query.get("state") or None
-    if state is not None and state not in STATES:
-        raise InputInvalid(f"state must be one of {', '.join(STATES)}", details={"field": "state"})
-    page = query_int(request, "page", 1, 1, 1_000_000)
-    size = query_int(request, "pageSize", 20, 1, 100)
+    state, page, size = page_query(request, "state", STATES)
     rows, total = await runtime.store(Store.list_tasks, principal_of(request).project_id, "stream", state, page, size)
     return ok(Page(items=[stream_view(runtime, r) for r in rows], total=total, page=page, pageSize=size))
 
@@ -286,11 +290,7 @@ DELIVERY_STATES = ("pending", "delivered", "failed")
 
 async def list_deliveries(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    status = request.query.get("status") or None
-    if status is not None and status not in DELIVERY_STATES:
-        raise InputInvalid(f"status must be one of {', '.join(DELIVERY_STATES)}", details={"field": "status"})
-    page = query_int(request, "page", 1, 1, 1_000_000)
-    size = query_int(request, "pageSize", 20, 1, 100)
+    status, page, size = page_query(request, "status", DELIVERY_STATES)
     rows, total = await runtime.store(Store.deliveries, principal_of(request).project_id, status, page, size)
     return ok(Page(items=[delivery_view(r) for r in rows], total=total, page=page, pageSize=size))
 
