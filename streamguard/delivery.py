@@ -100,9 +100,12 @@ def sign(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
 # --- URL safety ---------------------------------------------------------------------------
 
 def _blocked(address: str) -> bool:
+    """Anything but a public unicast address (private, loopback, link-local,
+    shared 100.64/10, reserved, multicast; IPv4-mapped IPv6 judged as IPv4)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
 
 
 async def validate_url(url: str, field: str, allow_private: bool) -> str:
@@ -121,9 +124,11 @@ async def validate_url(url: str, field: str, allow_private: bool) -> str:
                                        type=socket.SOCK_STREAM)
     except OSError:
         raise InputInvalid(f"{field} host {parts.hostname} cannot be resolved", details={"field": field}) from None
-    if any(_blocked(info[4][0]) for info in infos):
-        raise InputInvalid(f"{field} resolves to a private, loopback or link-local address; the operator must "
-                           f"set delivery.allow_private = true to allow it", details={"field": field})
+    blocked = next((info[4][0] for info in infos if _blocked(info[4][0])), None)
+    if blocked is not None:
+        raise InputInvalid(f"{field} host {parts.hostname} resolves to {blocked}, a private, loopback or link-local "
+                           f"address; the operator must set delivery.allow_private = true to allow it",
+                           details={"field": field, "host": parts.hostname, "address": blocked})
     return url
 
 
