@@ -52,6 +52,7 @@ class ClosedSegment:
     frames: list[tuple[Fraction, Future]]
     error: str | None
     closed_at: float  # time.monotonic() at the cut
+    frames_decoded: int = 0  # decoder output while this segment was open
 
 
 @dataclass
@@ -147,19 +148,21 @@ class SegmentPipeline:
         self._thumbnail = False
         segmenter = Segmenter(self.opts.segment_seconds, video.time_base, self.next_index, self.timeline_end)
         mux_errors = 0
-        decode_errors_before = 0
+        before = SamplerStats()  # sampler counters at the last cut
 
         def close(segment: Segment) -> None:
-            nonlocal frames, mux_errors, decode_errors_before
+            nonlocal frames, mux_errors, before
             sampler.end_segment()
             rendition.close_segment(segment)
-            bad_decode = sampler.stats.decode_errors - decode_errors_before
-            decode_errors_before = sampler.stats.decode_errors
+            now = sampler.stats
+            bad_decode = now.decode_errors - before.decode_errors
+            decoded = now.frames_decoded - before.frames_decoded
+            before = SamplerStats(**vars(now))
             error = None
             if bad_decode or mux_errors:
                 error = (f"segment {segment.index} has corrupt video data "
                          f"({bad_decode} undecodable and {mux_errors} unwritable packets)")
-            self.emit(ClosedSegment(segment, frames, error, time.monotonic()))
+            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded))
             self.segments += 1
             self.next_index = segment.index + 1
             self.timeline_end = segment.end

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
 import msgspec
 
 from .analysis import Analyzer
@@ -205,6 +206,8 @@ class StreamService:
         row = task.row
         while (closed := await task.queue.get()) is not None:
             self.metrics.record_queue_depth.dec()
+            self.metrics.frames_decoded.inc(closed.frames_decoded)
+            self.metrics.frames_sampled.inc(len(closed.frames))
             if task.discard:  # cut before the stop took effect: not paid, not sent
                 for _, fut in closed.frames:
                     fut.cancel()

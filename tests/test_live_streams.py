@@ -329,6 +329,12 @@ def test_rtmp_records_flag_red_then_stop_closes_playlist(daemon: Daemon, publish
     expected = float(datas[-1]["end_time"])
     assert abs(float(info["format"]["duration"]) - expected) <= 1.0, (info["format"], expected)
 
+    metrics = daemon.call("GET", "/metrics").body.decode()
+    for name in ("streamguard_frames_decoded_total", "streamguard_frames_sampled_total",
+                 "streamguard_segment_latency_seconds_count"):
+        value = float(re.search(rf"^{name} ([0-9.e+]+)$", metrics, re.M).group(1))
+        assert value > 0, name
+
 
 # --------------------------------------------------------------------------- 2. reconnect, then 15
 
