@@ -38,6 +38,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
+def load_generator_cpu() -> float:
+    """CPU seconds of every ffmpeg publisher and nginx process: the load
+    generator shares this machine's cores with the daemon."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            if cmd.endswith((b"ffmpeg", b"nginx")) or b"nginx:" in cmd:
+                total += cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    return total
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -79,9 +95,11 @@ def trial(d: Daemon, key: str, rtmp: RtmpServer, n: int, window: float) -> dict:
     time.sleep(2 * SEGMENT + 2)  # connect and settle
     pid = d.proc.pid
     m0, c0, t0 = latency_buckets(d.call("GET", "/metrics").body.decode()), cpu_seconds(pid), time.monotonic()
+    g0 = load_generator_cpu()
     counts0 = {t: d.call("GET", f"/v1/streams/{t}", key=key).data["counters"]["segments"] for t in tasks}
     time.sleep(window)
     m1, c1, t1 = latency_buckets(d.call("GET", "/metrics").body.decode()), cpu_seconds(pid), time.monotonic()
+    g1 = load_generator_cpu()
     views = {t: d.call("GET", f"/v1/streams/{t}", key=key).data for t in tasks}
     rss = rss_mb(pid)
     for t in tasks:
@@ -91,7 +109,9 @@ def trial(d: Daemon, key: str, rtmp: RtmpServer, n: int, window: float) -> dict:
     all_running = all(v["state"] == "running" for v in views.values())
     p50, p95 = quantile(0.5, m0, m1), quantile(0.95, m0, m1)
     ok = all_running and min(produced) >= expected - 1.5 and p95 < 1.0
-    return {"n": n, "ok": ok, "p50": p50, "p95": p95, "cpu_pct_per_stream": 100 * (c1 - c0) / (t1 - t0) / n,
+    reconnects = sum(v["counters"]["reconnects"] for v in views.values())
+    return {"n": n, "ok": ok, "reconnects": reconnects, "daemon_cores": (c1 - c0) / (t1 - t0),
+            "generator_cores": (g1 - g0) / (t1 - t0), "p50": p50, "p95": p95, "cpu_pct_per_stream": 100 * (c1 - c0) / (t1 - t0) / n,
             "rss_mb": rss, "min_segments": min(produced), "expected": expected, "all_running": all_running}
 
 
@@ -118,7 +138,9 @@ def run(cores: int, args: argparse.Namespace, video: Path, bundle: Path) -> int:
                 print(f"{cores} core(s)  N={n:3d}  {'ok  ' if r['ok'] else 'FAIL'}  p50 {r['p50']:.2f} s  "
                       f"p95 {r['p95']:.2f} s  cpu/stream {r['cpu_pct_per_stream']:.1f}% of a core  "
                       f"rss/stream {(r['rss_mb'] - base_rss) / n:.1f} MB  "
-                      f"segments {r['min_segments']}/{r['expected']:.0f}", flush=True)
+                      f"segments {r['min_segments']}/{r['expected']:.0f}  reconnects {r['reconnects']}  "
+                      f"daemon {r['daemon_cores']:.2f} cores, publishers+nginx {r['generator_cores']:.2f} cores",
+                      flush=True)
                 if not r["ok"]:
                     break
                 best = n

@@ -21,6 +21,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "live: needs real RTMP/RTSP/HLS servers on loopback")
 
 
+@pytest.fixture(autouse=True)
+def _live_tools(request: pytest.FixtureRequest) -> None:
+    """Live tests need real servers; without them they fail (never skip), saying how to get them."""
+    if request.node.get_closest_marker("live") is None:
+        return
+    from live_servers import missing_tools
+    missing = missing_tools("ffmpeg", "rtmp", "rtsp")
+    if missing:
+        pytest.fail(f"live test tools missing ({missing}): run `bash .ci/system-deps.sh`", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def test_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from streamguard.inference.testmodel import make_test_bundle

@@ -12,7 +12,7 @@ Plain importable module (not a conftest).  Everything here starts REAL programs:
 * :func:`make_test_video` - deterministic H.264/AAC test file (PyAV) with red sections
 
 System packages: ``.ci/system-deps.sh``.  :func:`missing_tools` tells which external
-programs are absent so tests can skip cleanly.
+programs are absent (conftest fails live tests then, naming what to install).
 
 Conventions: everything binds 127.0.0.1 only; every wait polls with a deadline (no
 blind sleeps); child processes run in their own session (``start_new_session=True``)
@@ -84,7 +84,7 @@ class LiveServerError(RuntimeError):
 def missing_tools(*kinds: str) -> list[str]:
     """Names of missing external pieces for ``kinds`` in {"ffmpeg","rtmp","rtsp"}.
 
-    Empty list = everything needed is installed.  Use for ``pytest.skip``.
+    Empty list = everything needed is installed.
     """
     kinds = kinds or ("ffmpeg", "rtmp", "rtsp")
     missing: list[str] = []

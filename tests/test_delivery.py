@@ -39,7 +39,6 @@ import live_servers as ls
 from daemon import Daemon
 from receivers import Receiver, Request
 
-_missing = ls.missing_tools("ffmpeg", "rtmp")
 pytestmark = [pytest.mark.timeout(120)]
 
 DELIVERY_TIMEOUT = 1.0
@@ -71,8 +70,6 @@ def live_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rtmp():
-    if _missing:
-        pytest.skip(f"missing {_missing}")
     with ls.RtmpServer() as srv:
         yield srv
 
@@ -81,11 +78,8 @@ def rtmp():
 def daemon(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path):
     """One daemon (private callbacks allowed, effectively unlimited attempts) for the
     tests that do not stop it; each test uses its own project."""
-    d = Daemon(tmp_path_factory.mktemp("dlv-daemon"), test_bundle, ENV).start()
-    try:
+    with Daemon(tmp_path_factory.mktemp("dlv-daemon"), test_bundle, ENV) as d:
         yield d
-    finally:
-        d.kill()
 
 
 @pytest.fixture

@@ -14,11 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import live_servers as ls  # noqa: E402
 
-_missing = ls.missing_tools("ffmpeg", "rtmp", "rtsp")
 pytestmark = [
     pytest.mark.live,
     pytest.mark.timeout(60),
-    pytest.mark.skipif(bool(_missing), reason=f"missing {_missing}; run .ci/system-deps.sh"),
 ]
 
 W, H, FPS = 320, 240, 25

@@ -53,10 +53,8 @@ def describe_av_error(exc: BaseException) -> str:
 def _open_options(url: str) -> dict[str, str]:
     if url.startswith(("rtsp://", "rtsps://")):
         return {"rtsp_transport": "tcp"}
-    if url.startswith(("rtmp://", "rtmps://")):
-        # FLV announces its streams up front; probing 5 s of a live stream
-        # only delays the start.
-        return {"analyzeduration": "1000000"}
+    # RTMP keeps FFmpeg's default probing on purpose: a shorter one joins a
+    # 2 s GOP before its first keyframe often enough to see only the audio.
     return {}
 
 
