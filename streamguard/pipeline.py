@@ -3,8 +3,10 @@
     source -> segmenter -> (HLS source rendition, frame sampler) -> batcher
            -> analysis -> per-segment record
 
-`ingest()` runs the media half in a worker thread (PyAV is blocking) and hands
-each closed segment, with futures for its sampled frames, to `emit`.
+`SegmentPipeline` runs the media half in a worker thread (PyAV is blocking)
+across one or more connections to the source, and hands each closed segment,
+with futures for its sampled frames, to `emit`; `ingest()` is the one-shot
+form for files.
 `RecordAssembler` runs on the event loop and turns those, in order, into
 records. The hand-off queue between them is unbounded per pipeline, but holds
 only futures and small metadata; frames themselves wait in the batcher.
@@ -43,6 +45,8 @@ class PipelineOptions:
 
     @property
     def analyze(self) -> bool:
+        """Whether frames go to the model at all (moderation is the only
+        analysis today; logos and categorization will join it)."""
         return self.moderate
 
 
