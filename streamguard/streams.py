@@ -111,6 +111,7 @@ class StreamService:
         self.tasks: dict[str, RunningTask] = {}
         self.draining = False
         self._shedder: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
 
     # --- queries --------------------------------------------------------------
 
@@ -183,13 +184,19 @@ class StreamService:
         assembler = RecordAssembler(row.id, opts, analyzer, MediaLocator(task_dir, f"{self.public_url}/media/{row.id}"))
         task.consumer = asyncio.create_task(self._consume(task, assembler), name=f"records-{row.id}")
 
+    def _background(self, coro: Any) -> None:
+        """Fire-and-forget store updates, held so they are not garbage-collected mid-flight."""
+        task = asyncio.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def _on_connected(self, task_id: str) -> None:
         if task_id in self.tasks:
-            asyncio.create_task(self.store(Store.set_task_state, task_id, "running"))
+            self._background(self.store(Store.set_task_state, task_id, "running"))
 
     def _on_restart(self, task_id: str, reason: str) -> None:
         self.metrics.reconnects.labels(reason).inc()
-        asyncio.create_task(self.store(Store.add_reconnect, task_id))
+        self._background(self.store(Store.add_reconnect, task_id))
 
     async def stop(self, principal: Principal, task_id: str) -> TaskRow:
         row = await self.get(principal, task_id)
