@@ -313,7 +313,8 @@ class Store:
             "UPDATE tasks SET state = ?, final_status = COALESCE(?, final_status), "
             "final_message = COALESCE(?, final_message), "
             "started_at = CASE WHEN ? = 'running' AND started_at IS NULL THEN ? ELSE started_at END, "
-            "stopped_at = CASE WHEN ? = 'stopped' THEN ? ELSE stopped_at END WHERE id = ?",
+            "stopped_at = CASE WHEN ? = 'stopped' THEN ? ELSE stopped_at END "
+            "WHERE id = ? AND state != 'stopped'",  # a stopped task never comes back to life
             (state, final_status, final_message, state, now, state, now, task_id))
 
     def add_reconnect(self, task_id: str) -> None:
