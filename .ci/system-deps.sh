@@ -29,6 +29,7 @@ PACKAGES=(
   gstreamer1.0-plugins-bad    # h264parse
   gstreamer1.0-plugins-ugly   # x264enc
   gstreamer1.0-libav          # avenc_aac
+  chromium                    # headless browser for tests/test_hlsjs.py (HLS output plays in hls.js)
 )
 
 missing=()
