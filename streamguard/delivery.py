@@ -168,6 +168,7 @@ class DeliveryWorker:
         self._session: aiohttp.ClientSession | None = None
         self._runner: asyncio.Task | None = None
         self._projects: dict[str, tuple[float, Project]] = {}
+        self._stats_at = float("-inf")
 
     def wake(self) -> None:
         self._wake.set()
@@ -212,9 +213,11 @@ class DeliveryWorker:
             task = asyncio.create_task(self._send(row))
             self._inflight[row.stream_key] = task
             task.add_done_callback(lambda _t, key=row.stream_key: self._done(key))
-        count, oldest = await self.store(Store.outbox_stats)
-        self.metrics.outbox_depth.set(count)
-        self.metrics.outbox_oldest_age.set(time.time() - oldest if oldest else 0)
+        if time.monotonic() - self._stats_at >= 1.0:  # gauges need no more than one count a second
+            self._stats_at = time.monotonic()
+            count, oldest = await self.store(Store.outbox_stats)
+            self.metrics.outbox_depth.set(count)
+            self.metrics.outbox_oldest_age.set(time.time() - oldest if oldest else 0)
 
     def _done(self, key: str) -> None:
         self._inflight.pop(key, None)
