@@ -32,6 +32,14 @@ def _live_tools(request: pytest.FixtureRequest) -> None:
         pytest.fail(f"live test tools missing ({missing}): run `bash .ci/system-deps.sh`", pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def rtmp():
+    """A real nginx-rtmp server on loopback, one per test module."""
+    from live_servers import RtmpServer
+    with RtmpServer() as srv:
+        yield srv
+
+
 @pytest.fixture(scope="session")
 def test_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from streamguard.inference.testmodel import make_test_bundle

@@ -384,7 +384,22 @@ rtmp {{
 """
 
 
-class RtmpServer(_Managed):
+class _ServerProcess(_Managed):
+    """A managed server that is one process group (`self.proc`)."""
+
+    proc: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        """SIGKILL the server's process group (clients see their connections drop)."""
+        self._untrack_kill(self.proc)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class RtmpServer(_ServerProcess):
     """nginx + Debian's RTMP module, in a temp prefix dir, on a free loopback port.
 
     ``stop()`` SIGKILLs nginx (master + worker); ``start()`` brings it back on the
@@ -451,15 +466,6 @@ class RtmpServer(_Managed):
             self.proc, self.port = proc, port
             return self
         raise LiveServerError(f"nginx could not bind a port: {last}")
-
-    def stop(self) -> None:
-        """SIGKILL nginx (master + workers)."""
-        self._untrack_kill(self.proc)
-        self.proc = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 # --------------------------------------------------------------------------- publisher (ffmpeg)
@@ -567,7 +573,7 @@ class Publisher(_Managed):
 # --------------------------------------------------------------------------- RTSP (GStreamer)
 
 
-class RtspServer(_Managed):
+class RtspServer(_ServerProcess):
     """GStreamer RTSP server (tests/rtsp_server.py under /usr/bin/python3).
 
     Serves ``rtsp://127.0.0.1:PORT/test`` (TCP and UDP transports): a live endless
@@ -661,15 +667,6 @@ class RtspServer(_Managed):
                 raise LiveServerError(f"{exc}\n{_logs_text([self.log_path])}") from None
             self.proc, self.port = proc, port
             return self
-
-    def stop(self) -> None:
-        """SIGKILL the RTSP server (clients see the TCP connection drop)."""
-        self._untrack_kill(self.proc)
-        self.proc = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def logs(self) -> str:
         return _logs_text([self.log_path])

@@ -69,12 +69,6 @@ def live_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rtmp():
-    with ls.RtmpServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path):
     """One daemon (private callbacks allowed, effectively unlimited attempts) for the
     tests that do not stop it; each test uses its own project."""

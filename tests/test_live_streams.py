@@ -71,12 +71,6 @@ def live_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rtmp():
-    with ls.RtmpServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path):
     """One daemon for the tests that do not stop it; each test uses its own key and project."""
     with Daemon(tmp_path_factory.mktemp("live-daemon"), test_bundle, ENV) as d:
