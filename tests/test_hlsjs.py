@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import contextlib
 import os
 import shutil
 import signal
@@ -152,24 +153,17 @@ class _Browser:
         lines = [l for l in text.splitlines() if "dbus" not in l.lower()]  # no D-Bus in CI: noise
         return "\n".join(lines)[-n:]
 
+    def _signal_and_wait(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # renderer/GPU/zygote children share the group; make sure none survive
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+            self._signal_and_wait(signal.SIGTERM)
+        # renderer/GPU/zygote children share the group; make sure none survive
+        self._signal_and_wait(signal.SIGKILL)
         self._log.close()
 
 
