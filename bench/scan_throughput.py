@@ -78,25 +78,23 @@ def pipeline(path: Path, bundle: Path, out: Path) -> tuple[float, int]:
     return elapsed, sink.getvalue().count("\n")
 
 
-def sampler_counts(path: Path) -> tuple[int, int]:
-    """Frames the sampler decodes and samples for this input (same code path)."""
-    from streamguard.media.sampler import FrameSampler
-    from streamguard.media.segmenter import Segmenter
+def sampler_counts(path: Path, bundle: Path, out: Path) -> tuple[int, int]:
+    """Frames decoded and sampled by one real ingest of this input."""
+    from streamguard.analysis import Analyzer
     from streamguard.media.source import MediaSource, SourceOptions
+    from streamguard.pipeline import ingest
 
+    settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(out / "data")}})
+    analyzer = Analyzer.create(settings, bundle)
     src = MediaSource(str(path), SourceOptions())
     src.open()
-    sampler = FrameSampler(src.video, fps=1, size=224, on_sample=lambda s: None)
-    seg = Segmenter(5, src.video.time_base)
-    for p in src.packets():
-        video = p.stream is src.video
-        if seg.feed(p, video, 512):
-            sampler.end_segment()
-        if video:
-            sampler.feed(p)
-    sampler.finish()
-    src.close()
-    return sampler.stats.frames_decoded, sampler.stats.frames_sampled
+    try:
+        result = ingest(src, PipelineOptions(segment_seconds=5, fps=1, moderate=True), out / "hls-count", analyzer,
+                        lambda closed: None)
+    finally:
+        src.close()
+        analyzer.close()
+    return result.sampler.frames_decoded, result.sampler.frames_sampled
 
 
 def main() -> None:
@@ -120,7 +118,7 @@ def main() -> None:
         base_t.append(t)
         t, records = pipeline(path, bundle, out)
         pipe_t.append(t)
-    decoded, sampled = sampler_counts(path)
+    decoded, sampled = sampler_counts(path, bundle, out)
     # Runs alternate, so each pair saw the same machine load; the median of
     # the per-pair ratios is robust to a noisy neighbour.
     ratio = statistics.median(pt / bt for pt, bt in zip(pipe_t, base_t))

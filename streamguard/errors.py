@@ -61,16 +61,6 @@ class NotFound(StreamGuardError):
     http_status = 404
 
 
-class Conflict(StreamGuardError):
-    code = "STREAMGUARD_CONFLICT"
-    http_status = 409
-
-
-class PayloadTooLarge(StreamGuardError):
-    code = "STREAMGUARD_PAYLOAD_TOO_LARGE"
-    http_status = 413
-
-
 class UnsupportedMediaType(StreamGuardError):
     code = "STREAMGUARD_UNSUPPORTED_MEDIA_TYPE"
     http_status = 415

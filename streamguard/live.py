@@ -60,7 +60,6 @@ class LiveSupervisor:
         )
         self.on_restart = on_restart
         self.on_connected = on_connected
-        self.restarts = 0
         self.last_error: str | None = None
         self._stop: tuple[str, TaskEnd] | None = None
         self._wake = threading.Event()
@@ -131,7 +130,6 @@ class LiveSupervisor:
                 self.last_error = error or "the stream ended"
                 if self._last_video != got_video_before:
                     attempt = 0  # that connection delivered video: start the backoff afresh
-                self.restarts += 1
                 log.warning("task %s: source %s: %s; reconnecting", self.task_id, reason, self.last_error)
                 self.on_restart(reason, self.last_error)
                 idle = time.monotonic() - self._last_video

@@ -64,7 +64,6 @@ class IngestResult:
     segments: int = 0
     error: str | None = None  # why the input was not read to its end
     sampler: SamplerStats = field(default_factory=SamplerStats)
-    packets: int = 0
 
 
 class MediaLocator:
@@ -110,7 +109,6 @@ class SegmentPipeline:
         self.rendition = SourceRendition(self.task_dir, opts.segment_seconds, next_index)
         self.stats = SamplerStats()
         self.segments = 0
-        self.packets = 0
         self._codecs: str | None = None
         self._thumbnail = not (self.task_dir / "thumbnail.jpg").exists()
         self.frames: list[tuple[Fraction, Future]] = []  # the open segment's frames
@@ -178,7 +176,6 @@ class SegmentPipeline:
             for packet in source.packets():
                 if should_stop() == StopMode.NOW:
                     break  # before this packet counts anywhere: the open segment ends with what it has
-                self.packets += 1
                 is_video = packet.stream is video
                 closed = segmenter.feed(packet, is_video, frame_ticks)
                 if closed is not None:
@@ -204,7 +201,7 @@ class SegmentPipeline:
         return source.read_error
 
     def _add_stats(self, s: SamplerStats) -> None:
-        for name in ("packets_decoded", "frames_decoded", "frames_sampled", "decode_errors"):
+        for name in ("frames_decoded", "frames_sampled", "decode_errors"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
 
     def close(self) -> None:
@@ -221,7 +218,7 @@ def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer:
         error = pipe.consume(source)
     finally:
         pipe.close()
-    return IngestResult(segments=pipe.segments, error=error, sampler=pipe.stats, packets=pipe.packets)
+    return IngestResult(segments=pipe.segments, error=error, sampler=pipe.stats)
 
 
 class RecordAssembler:

@@ -88,6 +88,17 @@ def store_record(store: Store, row: TaskRow, seq: int, status: int, body: bytes,
     store.append_record(row.id, row.key_id, seq, status, body, outbox=_outbox(store, row, events), **kwargs)
 
 
+def store_end(store: Store, row: TaskRow, seq: int, end: TaskEnd) -> None:
+    """Runs on the store thread: the terminal record, the stream.stopped event
+    (with the task's final counts) and the final state, in one transaction."""
+    final = encoder.encode(status_record(row.id, end.status, end.message))
+    current = store.task(row.id)
+    counts = {"segments": current.segments, "flagged_segments": current.flagged_segments} if current else {}
+    stopped = task_event("stream.stopped", row, {"status": end.status, "reason": end.message, **counts})
+    store_record(store, row, seq, end.status, final, [segment_event(final), stopped],
+                 final_state=(end.status, end.message))
+
+
 def segment_event(record_body: bytes) -> Event:
     return ("stream.segment", new_event_id(), record_body)
 
@@ -230,13 +241,7 @@ class StreamService:
         log.info("task %s ended: %s %s", row.id, end.status, end.message)
 
     async def _store_end(self, row: TaskRow, seq: int, end: TaskEnd) -> None:
-        """The terminal record, the stream.stopped event and the final state, at once."""
-        final = encoder.encode(status_record(row.id, end.status, end.message))
-        current = await self.store(Store.task, row.id)
-        counts = {"segments": current.segments, "flagged_segments": current.flagged_segments} if current else {}
-        stopped = task_event("stream.stopped", row, {"status": end.status, "reason": end.message, **counts})
-        await self.store(store_record, row, seq, end.status, final, [segment_event(final), stopped],
-                         final_state=(end.status, end.message))
+        await self.store(store_end, row, seq, end)
         self.delivery.wake()
 
     async def _store_segment(self, task: RunningTask, closed: ClosedSegment, record: SegmentRecord) -> None:

@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -24,13 +23,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass
-class BatchStats:
-    batches: int = 0
-    frames: int = 0
-    busy_seconds: float = 0.0
 
 
 class InferenceBatcher:
@@ -41,7 +33,6 @@ class InferenceBatcher:
         self.max_wait = max_wait
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue[tuple[np.ndarray, Future] | None] = queue.SimpleQueue()
-        self.stats = BatchStats()
         self._enqueued: collections.deque[float] = collections.deque()  # submit times, oldest first
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference-batcher", daemon=True)
@@ -112,9 +103,6 @@ class InferenceBatcher:
                 fut.set_exception(exc)
             return
         elapsed = time.perf_counter() - started
-        self.stats.batches += 1
-        self.stats.frames += len(live)
-        self.stats.busy_seconds += elapsed
         if self._on_batch is not None:
             self._on_batch(len(live), elapsed)
         for i, (_, fut) in enumerate(live):

@@ -33,7 +33,6 @@ class SampledFrame:
 
 @dataclass
 class SamplerStats:
-    packets_decoded: int = 0
     frames_decoded: int = 0
     frames_sampled: int = 0
     decode_errors: int = 0
@@ -129,7 +128,6 @@ class FrameSampler:
             if pts > self._max_fed:
                 self._max_fed = pts
             self._fed = True
-            self.stats.packets_decoded += 1
             self._decode(packet)
         self._pending.clear()
 

@@ -25,7 +25,6 @@ from ..errors import MediaError, SourceTimeout
 log = logging.getLogger(__name__)
 
 TIMELINE_OFFSET = Fraction(7, 5)  # 1.4 s
-LIVE_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://")
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,6 @@ class MediaSource:
         self.audio: av.audio.stream.AudioStream | None = None
         self._base: dict[int, int] = {}  # stream index -> ticks subtracted
         self.read_error: str | None = None
-
-    @property
-    def is_live(self) -> bool:
-        return self.url.startswith(LIVE_SCHEMES)
 
     def open(self) -> None:
         if "://" not in self.url and not os.path.exists(self.url):
@@ -153,6 +148,3 @@ class MediaSource:
             self._rebase(packet, t0)
             yield packet
 
-
-def timeline_seconds(pts: int, time_base: Fraction) -> float:
-    return float(pts * time_base - TIMELINE_OFFSET)
