@@ -29,7 +29,7 @@ import av  # noqa: E402
 
 from streamguard.config import load_settings  # noqa: E402
 from streamguard.inference.testmodel import make_test_bundle  # noqa: E402
-from streamguard.media.sampler import clip_crop  # noqa: E402
+from streamguard.media.scaler import CentreCropScaler  # noqa: E402
 from streamguard.pipeline import PipelineOptions  # noqa: E402
 from streamguard.scan import run_scan  # noqa: E402
 from videos import make_video  # noqa: E402
@@ -55,11 +55,12 @@ def baseline(path: Path) -> tuple[float, int]:
         v = c.streams.video[0]
         v.codec_context.thread_count = 1
         next_t = 0.0
+        scale = CentreCropScaler(224)  # the pipeline's own resize: only decoding differs
         for frame in c.decode(v):
             decoded += 1
             t = float(frame.pts * v.time_base)
             if t >= next_t:
-                clip_crop(frame, 224)
+                scale(frame)
                 next_t += 1.0
     return time.perf_counter() - started, decoded
 

@@ -6,8 +6,8 @@ reaches the next target; a GOP whose tail holds no target is dropped at the
 next keyframe without ever being decoded, and the decoder is reset there. So at
 fps 1 with 2 s GOPs, only the frames up to each sampled one are decoded.
 
-Sampled frames are scaled in swscale (bicubic) so the shorter side equals the
-model's input size, then centre-cropped: CLIP's reference preprocessing.
+Sampled frames are centre-cropped and scaled to the model's input in swscale
+(see scaler.py): CLIP's reference preprocessing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Callable
 import av
 import numpy as np
 
+from .scaler import CentreCropScaler
 from .source import TIMELINE_OFFSET
 
 NEG_INF = -(2**62)
@@ -38,19 +39,6 @@ class SamplerStats:
     decode_errors: int = 0
 
 
-def clip_crop(frame: av.VideoFrame, size: int, sar: Fraction | None = None) -> np.ndarray:
-    """Resize (shorter side -> size, bicubic, in swscale) and centre-crop to size x size.
-    `sar` (sample aspect ratio) makes anamorphic sources scale to their display shape."""
-    w, h = frame.width, frame.height
-    if sar and sar > 0 and sar != 1:
-        w = max(1, round(w * sar))
-    scale = size / min(w, h)
-    tw, th = max(size, round(w * scale)), max(size, round(h * scale))
-    rgb = frame.reformat(width=tw, height=th, format="rgb24", interpolation="BICUBIC").to_ndarray()
-    y0, x0 = (th - size) // 2, (tw - size) // 2
-    return np.ascontiguousarray(rgb[y0:y0 + size, x0:x0 + size])
-
-
 class FrameSampler:
     def __init__(
         self,
@@ -64,7 +52,7 @@ class FrameSampler:
         self.ctx = stream.codec_context
         self.tb = stream.time_base
         self.fps = fps
-        self.size = size
+        self.scale = CentreCropScaler(size)
         self.on_sample = on_sample
         self.on_first_frame = on_first_frame
         # Without fps only the first frame is wanted (for the thumbnail).
@@ -155,7 +143,7 @@ class FrameSampler:
             self.on_first_frame = None
         if self.fps:
             self.stats.frames_sampled += 1
-            self.on_sample(SampledFrame(t, clip_crop(frame, self.size, self.ctx.sample_aspect_ratio)))
+            self.on_sample(SampledFrame(t, self.scale(frame, self.ctx.sample_aspect_ratio)))
             self._set_target(Fraction(math.floor(t * self.fps) + 1, self.fps))
         else:
             self._set_target(None)
