@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -21,6 +21,38 @@ from .media.segmenter import fmt_time
 from .moderation.categories import CATEGORY_NAMES
 from .moderation.scoring import ModerationScorer, scores_dict, violations
 from .schemas import ContentModeration, FlaggedFrame
+
+
+async def gather_threadsafe(futures: list[Future]) -> list:
+    """Results of futures completed on other threads, with one event-loop
+    wakeup when the last is done instead of one per future (a segment's
+    frames finish in a burst; each wakeup is a thread switch on a busy core).
+    A cancelled future raises concurrent.futures.CancelledError here."""
+    loop = asyncio.get_running_loop()
+    all_done = loop.create_future()
+    remaining = len(futures)
+    lock = threading.Lock()
+
+    def wake() -> None:
+        if not all_done.done():
+            all_done.set_result(None)
+
+    def on_done(_: Future) -> None:
+        nonlocal remaining
+        with lock:
+            remaining -= 1
+            last = remaining == 0
+        if last:
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:  # the loop is gone; nobody is waiting
+                pass
+
+    if futures:
+        for fut in futures:
+            fut.add_done_callback(on_done)
+        await all_done
+    return [fut.result() for fut in futures]
 
 
 def resolve_model_dir(settings: Settings, override: str | None = None) -> Path:
@@ -74,7 +106,9 @@ class Analyzer:
                                      scores=scores_dict(np.zeros(len(CATEGORY_NAMES))),
                                      flagged_frames=[])
         try:
-            embeddings = np.stack([await asyncio.wrap_future(f) for _, f in frames])
+            embeddings = np.stack(await gather_threadsafe([f for _, f in frames]))
+        except CancelledError:
+            raise ModelError("frames withdrawn: the task ended") from None
         except Exception as exc:
             raise ModelError(f"inference failed: {exc}") from None
         per_frame = self.scorer.score(embeddings)

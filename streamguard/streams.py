@@ -231,6 +231,8 @@ class StreamService:
                     fut.cancel()
                 continue
             record = await assembler.build(closed)
+            if task.discard:  # the task ended at once while this segment was analysed
+                continue
             await self._store_segment(task, closed, record)
         end: TaskEnd = await task.done
         await self._store_end(row, task.next_seq, end)

@@ -24,15 +24,16 @@ def pattern_frame(i: int, width: int, height: int, red: bool) -> np.ndarray:
 
 def make_video(path: Path, *, seconds: float = 20, fps: int = 25, width: int = 320, height: int = 240,
                gop: int | None = None, red: tuple[tuple[float, float], ...] = (), audio: bool = True,
-               bframes: int = 2, codec: str = "libx264", preset: str = "ultrafast") -> Path:
+               bframes: int = 2, codec: str = "libx264", preset: str = "ultrafast",
+               encoder_threads: int = 1) -> Path:
     """H.264 (+AAC) file; keyframes every `gop` frames exactly (no scene cuts)."""
     gop = gop or 2 * fps
     out = av.open(str(path), "w")
     v = out.add_stream(codec, rate=fps)
     v.width, v.height, v.pix_fmt = width, height, "yuv420p"
-    # One encoder thread: byte-identical output on every run and machine.
+    # One encoder thread (the default): byte-identical output on every run and machine.
     v.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": str(bframes),
-                 "preset": preset, "threads": "1",
+                 "preset": preset, "threads": str(encoder_threads),
                  "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
     a = None
     if audio:
