@@ -90,3 +90,9 @@ def test_geometry_change_rebuilds_the_graph() -> None:
     for w, h in ((1280, 720), (320, 240), (1920, 1080)):
         frame = yuv_frame(natural_image(w, h, seed=w))
         assert mean_abs(scale(frame), reference(frame)) < 1.6
+
+
+@pytest.mark.parametrize("fmt", ["yuv420p10le", "nv12", "yuvj420p", "yuv444p", "rgb24"])
+def test_other_pixel_formats(fmt: str) -> None:
+    frame = av.VideoFrame.from_ndarray(natural_image(1280, 720), format="rgb24").reformat(format=fmt)
+    assert mean_abs(CentreCropScaler(SIZE)(frame), reference(frame)) < 1.6
