@@ -112,3 +112,32 @@ def test_auto_provider_falls_back_to_cpu_quietly(test_bundle, tmp_path, capfd):
     assert m.active_providers[-1] == "CPUExecutionProvider"
     err = capfd.readouterr().err
     assert "CUDA" not in err and "Error" not in err
+
+
+async def test_segment_frames_awaited_with_one_loop_wakeup():
+    import asyncio
+    import threading
+    from concurrent.futures import CancelledError, Future
+
+    from streamguard.analysis import gather_threadsafe
+
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):
+        nonlocal wakeups
+        wakeups += 1
+        return original(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting
+    futures = [Future() for _ in range(8)]
+    threading.Thread(target=lambda: [f.set_result(i) for i, f in enumerate(reversed(futures))]).start()
+    assert await gather_threadsafe(futures) == list(range(7, -1, -1))
+    assert wakeups == 1
+    assert await gather_threadsafe([]) == []
+
+    withdrawn = [Future(), Future()]
+    threading.Thread(target=lambda: (withdrawn[0].set_result(1), withdrawn[1].cancel())).start()
+    with pytest.raises(CancelledError):
+        await gather_threadsafe(withdrawn)
