@@ -32,7 +32,6 @@ from streamguard.inference.pull import (
     load_source,
     pull_bundle,
 )
-from streamguard.inference.testmodel import make_test_bundle
 
 HUB_LAYOUT = {"visual.onnx": "visual/model.onnx", "textual.onnx": "textual/model.onnx",
               "tokenizer.json": "textual/tokenizer.json"}
@@ -98,10 +97,8 @@ def _handler(hub: Hub) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle")
-    make_test_bundle(out)
-    return out
+def bundle(test_bundle: Path) -> Path:
+    return test_bundle  # served read-only
 
 
 @pytest.fixture
