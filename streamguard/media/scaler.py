@@ -34,14 +34,7 @@ class CropPlan:
     resized: tuple[int, int]  # the reference's resize target (width, height)
     offset: tuple[int, int]  # its centre-crop offset in the resized image
     source: tuple[int, int, int, int]  # x, y, width, height of that crop in storage pixels
-
-    @property
-    def crop_first(self) -> bool:
-        return min(self.source[2], self.source[3]) >= CROP_FIRST_MIN_FACTOR * self.size
-
-    @property
-    def size(self) -> int:
-        return min(self.resized)
+    crop_first: bool  # scale only `source` (large frames) rather than the whole frame
 
 
 def crop_plan(width: int, height: int, size: int, sar: Fraction | None = None) -> CropPlan:
@@ -58,7 +51,7 @@ def crop_plan(width: int, height: int, size: int, sar: Fraction | None = None) -
     cw, ch = min(width, max(1, round(size * sx))), min(height, max(1, round(size * sy)))
     x = min(max(0, round(x0 * sx)), width - cw)
     y = min(max(0, round(y0 * sy)), height - ch)
-    return CropPlan((tw, th), (x0, y0), (x, y, cw, ch))
+    return CropPlan((tw, th), (x0, y0), (x, y, cw, ch), crop_first=min(cw, ch) >= CROP_FIRST_MIN_FACTOR * size)
 
 
 class CentreCropScaler:
