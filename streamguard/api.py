@@ -20,7 +20,8 @@ from aiohttp import web
 from . import __version__
 from .errors import InputInvalid, NotFound, StreamGuardError, Unauthorized, Unavailable, UnsupportedMediaType
 from .runtime import Runtime
-from .delivery import EVENTS, validate_url
+from .addresses import validate_callback_url
+from .delivery import EVENTS
 from .schemas import (Delivery, ErrorBody, ErrorEnvelope, Page, ProjectView, RecordPage, StreamRequest, StreamStarted,
                       StreamStartedData, StreamTask, Success, TaskCounters, WebhookUpdate, WebhookView)
 from .store import Store
@@ -265,7 +266,7 @@ async def put_webhook(request: web.Request) -> web.Response:
         raise InputInvalid(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}",
                            details={"field": "events"})
     if update.url is not None:
-        await validate_url(update.url, "url", runtime.settings.delivery.allow_private)
+        await validate_callback_url(update.url, "url", runtime.settings.delivery)
     project = await runtime.store(Store.set_webhook, principal_of(request).project_id, update.url, update.events)
     return ok(project_view(project))
 
