@@ -13,6 +13,7 @@ addresses are never connected to.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -225,7 +226,8 @@ class PolicyResolver(AbstractResolver):
         hosts = await self._inner.resolve(host, port, family)
         ip = self._policy.first_refused(h["host"] for h in hosts)
         if ip is not None:
-            raise OSError(f"refused: {self._policy.refusal('url', host, ip)}")
+            # errno + strerror: aiohttp shows strerror in the error it raises
+            raise OSError(errno.EACCES, f"refused: {self._policy.refusal('url', host, ip)}")
         return hosts
 
     async def close(self) -> None:

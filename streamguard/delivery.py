@@ -31,17 +31,12 @@ import msgspec
 from .addresses import AddressPolicy, PolicyResolver, send_time_problem
 from .config import DeliverySettings
 from .metrics import Metrics
+from .schemas import STREAM_EVENTS
 from .store import AsyncStore, Store
 from .store.sqlite import DeliveryRow, OutboxItem, Project
 
 log = logging.getLogger(__name__)
 
-STREAM_EVENTS = ("stream.started", "stream.stopped", "stream.segment")
-EVENTS = STREAM_EVENTS + (
-    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
-    "moderation.started", "moderation.completed", "moderation.failed",
-    "categorization.started", "categorization.completed", "categorization.failed",
-)
 USER_AGENT = "streamguard-webhooks/1"
 
 
