@@ -99,7 +99,10 @@ class AddressPolicy:
     def refusal(self, field: str, host: str, ip: IPAddress) -> str:
         inner = embedded_ipv4(ip)
         shown = f"{ip} (which reaches {inner})" if inner is not None else str(ip)
-        subject = f"{field} host {shown} is" if parse_address(host) == ip else f"{field} host {host} resolves to {shown},"
+        if parse_address(host) == ip:
+            subject = f"{field} host {shown} is"
+        else:
+            subject = f"{field} host {host} resolves to {shown},"
         return f"{subject} a private, loopback or link-local address; {self.how_to_allow()}"
 
 
@@ -122,10 +125,18 @@ def resolve_blocking(host: str) -> list[str]:
     return _addresses(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
 
 
-def _host(url: str, field: str) -> str:
-    host = urlsplit(url).hostname
+def hostname(url: str) -> str | None:
+    """The URL's host, or None when it has none or is not a URL (e.g. an unclosed [IPv6 bracket)."""
+    try:
+        return urlsplit(url).hostname or None
+    except ValueError:
+        return None
+
+
+def _host(url: str, field: str, error: type[InputInvalid]) -> str:
+    host = hostname(url)
     if not host:
-        raise InputInvalid(f"{field} has no host", details={"field": field})
+        raise error(f"{field} has no host", details={"field": field})
     return host
 
 
@@ -142,10 +153,10 @@ async def check_host(url: str, field: str, policy: AddressPolicy,
     """Refuse (`error`) a URL whose host resolves to an address the policy does not permit."""
     if policy.allow_private:
         return
-    host = _host(url, field)
+    host = _host(url, field, error)
     try:
         addresses = await resolve(host)
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a name IDNA cannot encode (empty or long label)
         raise error(f"{field} host {host} cannot be resolved", details={"field": field, "host": host}) from None
     _refuse(policy, field, host, addresses, error)
 
@@ -154,10 +165,10 @@ def check_host_blocking(url: str, field: str, policy: AddressPolicy) -> None:
     """`check_host` for threads (a live task's supervisor, before each connect)."""
     if policy.allow_private:
         return
-    host = _host(url, field)
+    host = _host(url, field, AddressRefused)
     try:
         addresses = resolve_blocking(host)
-    except OSError:
+    except (OSError, UnicodeError):
         raise AddressRefused(f"{field} host {host} cannot be resolved",
                              details={"field": field, "host": host}) from None
     _refuse(policy, field, host, addresses, AddressRefused)
@@ -180,9 +191,9 @@ def source_admission(settings: SourcesSettings) -> Callable[[str], None]:
 
 def callback_form_problem(url: str, field: str) -> str | None:
     """What is wrong with a callback/webhook URL's form (scheme, host, credentials), or None."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if hostname(url) is None or urlsplit(url).scheme not in ("http", "https"):
         return f"{field} must be an http:// or https:// URL"
+    parts = urlsplit(url)
     if parts.username or parts.password:
         return f"{field} must not contain credentials"
     return None
@@ -206,7 +217,7 @@ def send_time_problem(url: str, policy: AddressPolicy) -> str | None:
     problem = callback_form_problem(url, "url")
     if problem is not None:
         return f"refused: {problem}"
-    host = urlsplit(url).hostname or ""
+    host = hostname(url) or ""
     if parse_address(host) is None:
         return None
     ip = policy.first_refused([host])

@@ -81,6 +81,19 @@ def test_refusal_names_the_resolved_address(strict: Daemon) -> None:
     assert "10.0.0.1" in assert_source_refused(reply)
 
 
+@pytest.mark.parametrize("url,status,needle", [
+    ("rtmp://a..b/live/x", 422, "cannot be resolved"),  # IDNA refuses an empty label
+    ("rtmp://[::1/live/x", 422, "no host"),  # unclosed bracket
+    ("rtmp:///live/x", 422, "no host"),
+])
+def test_unusable_source_hosts_are_refused_not_500(strict: Daemon, url: str, status: int, needle: str) -> None:
+    key = strict.create_key("addr-unusable")
+    reply = strict.call("POST", "/v1/streams", {"url": url}, key=key)
+    assert reply.status == status and needle in reply.error["message"], reply.body
+    reply = strict.call("PUT", "/v1/project/webhook", {"url": url.replace("rtmp", "http"), "events": []}, key=key)
+    assert reply.status == 400 and reply.error["code"] == "STREAMGUARD_INPUT_INVALID", reply.body
+
+
 def test_allowed_networks_admit_a_private_network(test_bundle: Path, tmp_path: Path) -> None:
     env = {**STRICT_SOURCES, "STREAMGUARD_SOURCES__ALLOWED_NETWORKS": '["127.0.0.0/8"]'}
     with Daemon(tmp_path / "d", test_bundle, env) as d, SilentServer() as silent:
@@ -183,7 +196,8 @@ def test_stored_urls_are_checked_again_before_each_attempt(test_bundle: Path, tm
                 assert strict.call("POST", f"/v1/streams/{task_id}/stop", key=keys[name]).status == 200
 
             def refused_attempts(name: str) -> list[dict]:
-                items = strict.call("GET", "/v1/deliveries?pageSize=100", key=keys[name]).data["items"]  # pending or failed
+                # pending, or failed once the (short) attempts ran out
+                items = strict.call("GET", "/v1/deliveries?pageSize=100", key=keys[name]).data["items"]
                 return [x for x in items if x["attempts"] >= 1 and x["lastError"]]
 
             for name in hooks:
