@@ -109,6 +109,7 @@ EVENTS = STREAM_EVENTS + (
 # `metadata` is stored with the task and echoed in every event and read: keep it small.
 METADATA_MAX_BYTES = 16 * 1024  # JSON-encoded
 METADATA_MAX_DEPTH = 32  # the metadata object itself is level 1
+METADATA_RULE = f"at most {METADATA_MAX_BYTES} bytes as JSON and {METADATA_MAX_DEPTH} levels deep"
 
 
 class FieldInvalid(ValueError):
@@ -170,7 +171,7 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     renditions: Annotated[list[str], Meta(min_length=1, max_length=8)] = msgspec.field(
         default_factory=lambda: ["source"])  # max: room for every preset (source + 4 today)
     callback_url: Annotated[str, Meta(max_length=4096)] | None = None
-    metadata: dict[str, Any] | None = None  # at most METADATA_MAX_BYTES, METADATA_MAX_DEPTH deep
+    metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
 
     def __post_init__(self) -> None:
         check_unique("renditions", self.renditions)
@@ -260,7 +261,7 @@ class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
     absent subscribes to every event."""
 
     url: Annotated[str, Meta(max_length=4096)] | None
-    events: Annotated[list[str], Meta(max_length=len(EVENTS))] = []
+    events: Annotated[list[str], Meta(max_length=len(EVENTS), description="each event at most once")] = []
 
     def __post_init__(self) -> None:
         check_unique("events", self.events)
