@@ -118,6 +118,8 @@ def _constraint_message(struct: type, field: str) -> str | None:
     for f in getattr(info, "fields", ()):
         if f.name == field:
             t = f.type
+            if isinstance(t, msgspec.inspect.Metadata):  # a description alongside the constraints
+                t = t.type
             lo, hi = getattr(t, "ge", None), getattr(t, "le", None)
             if lo is not None and hi is not None:
                 return f"{field} must be between {lo:g} and {hi:g}"
