@@ -146,9 +146,11 @@ def check_metadata(metadata: dict[str, Any] | None) -> None:
 
 def check_unique(field: str, values: list[str]) -> None:
     seen: set[str] = set()
-    duplicates = sorted({v for v in values if v in seen or seen.add(v)})  # type: ignore[func-returns-value]
+    duplicates: set[str] = set()
+    for value in values:
+        (duplicates if value in seen else seen).add(value)
     if duplicates:
-        raise FieldInvalid(field, f"{field} lists {', '.join(duplicates[:5])} more than once")
+        raise FieldInvalid(field, f"{field} lists {', '.join(sorted(duplicates)[:5])} more than once")
 
 
 Fps = Annotated[int, Meta(ge=1, le=30)]
