@@ -19,10 +19,11 @@ from aiohttp import web
 
 from . import __version__
 from .errors import InputInvalid, NotFound, StreamGuardError, Unauthorized, Unavailable, UnsupportedMediaType
+from .addresses import validate_callback_url
 from .runtime import Runtime
-from .delivery import EVENTS, validate_url
-from .schemas import (Delivery, ErrorBody, ErrorEnvelope, Page, ProjectView, RecordPage, StreamRequest, StreamStarted,
-                      StreamStartedData, StreamTask, Success, TaskCounters, WebhookUpdate, WebhookView)
+from .schemas import (EVENTS, Delivery, ErrorBody, ErrorEnvelope, FieldInvalid, Page, ProjectView, RecordPage,
+                      StreamRequest, StreamStarted, StreamStartedData, StreamTask, Success, TaskCounters,
+                      WebhookUpdate, WebhookView)
 from .store import Store
 from .store.sqlite import DeliveryRow, Principal, TaskRow
 
@@ -117,13 +118,22 @@ def _constraint_message(struct: type, field: str) -> str | None:
     for f in getattr(info, "fields", ()):
         if f.name == field:
             t = f.type
+            if isinstance(t, msgspec.inspect.Metadata):  # a description alongside the constraints
+                t = t.type
             lo, hi = getattr(t, "ge", None), getattr(t, "le", None)
             if lo is not None and hi is not None:
                 return f"{field} must be between {lo:g} and {hi:g}"
+            shortest, longest = getattr(t, "min_length", None), getattr(t, "max_length", None)
+            unit = "characters" if isinstance(t, msgspec.inspect.StrType) else "entries"
+            if longest is not None:
+                span = f"{shortest} to {longest}" if shortest else f"at most {longest}"
+                return f"{field} must have {span} {unit}"
     return None
 
 
 def friendly_validation(exc: msgspec.ValidationError, struct: type) -> InputInvalid:
+    if isinstance(exc.__cause__, FieldInvalid):  # a schema rule beyond the types (schemas.py)
+        return InputInvalid(str(exc.__cause__), details={"field": exc.__cause__.field})
     text = str(exc)
     m = re.search(r"at `\$\.(\w+)", text)
     field = m.group(1) if m else None
@@ -146,6 +156,10 @@ async def decode_json(request: web.Request, struct: type) -> Any:
         raise friendly_validation(exc, struct) from None
     except msgspec.DecodeError as exc:
         raise InputInvalid(f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InputInvalid("malformed JSON: the body is not valid UTF-8") from None
+    except RecursionError:
+        raise InputInvalid("malformed JSON: nested too deeply") from None
 
 
 def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -265,7 +279,7 @@ async def put_webhook(request: web.Request) -> web.Response:
         raise InputInvalid(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}",
                            details={"field": "events"})
     if update.url is not None:
-        await validate_url(update.url, "url", runtime.settings.delivery.allow_private)
+        await validate_callback_url(update.url, "url", runtime.settings.delivery)
     project = await runtime.store(Store.set_webhook, principal_of(request).project_id, update.url, update.events)
     return ok(project_view(project))
 

@@ -8,6 +8,7 @@ underscores (`STREAMGUARD_DELIVERY__ALLOW_PRIVATE=true`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -96,6 +97,25 @@ class LimitsSettings(_Section, kw_only=True):
     drain_timeout: PosFloat = 90.0
 
 
+class SourcesSettings(_Section, kw_only=True):
+    # Live source URLs that resolve to loopback, link-local or private
+    # addresses are refused (at start and at every reconnect) unless this is
+    # true or their network is listed in allowed_networks.
+    allow_private: bool = False
+    # CIDRs a source may resolve to even though they are private, e.g. a camera LAN.
+    allowed_networks: list[str] = []
+
+    def __post_init__(self) -> None:
+        for cidr in self.allowed_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"sources.allowed_networks: {cidr!r} is not a network (CIDR)") from None
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.allowed_networks)
+
+
 class DeliverySettings(_Section, kw_only=True):
     # Refuse callback/webhook URLs that resolve to private, loopback or
     # link-local addresses unless this is true.
@@ -122,6 +142,7 @@ class Settings(_Section, kw_only=True):
     pipeline: PipelineSettings = msgspec.field(default_factory=PipelineSettings)
     live: LiveSettings = msgspec.field(default_factory=LiveSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
 
     @property

@@ -19,34 +19,24 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import logging
 import random
-import socket
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
-from aiohttp.abc import AbstractResolver
-from aiohttp.resolver import ThreadedResolver
 
+from .addresses import AddressPolicy, PolicyResolver, send_time_problem
 from .config import DeliverySettings
-from .errors import InputInvalid
 from .metrics import Metrics
+from .schemas import STREAM_EVENTS
 from .store import AsyncStore, Store
 from .store.sqlite import DeliveryRow, OutboxItem, Project
 
 log = logging.getLogger(__name__)
 
-STREAM_EVENTS = ("stream.started", "stream.stopped", "stream.segment")
-EVENTS = STREAM_EVENTS + (
-    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
-    "moderation.started", "moderation.completed", "moderation.failed",
-    "categorization.started", "categorization.completed", "categorization.failed",
-)
 USER_AGENT = "streamguard-webhooks/1"
 
 
@@ -97,59 +87,6 @@ def sign(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
         for s in secrets)
 
 
-# --- URL safety ---------------------------------------------------------------------------
-
-def _blocked(address: str) -> bool:
-    """Anything but a public unicast address (private, loopback, link-local,
-    shared 100.64/10, reserved, multicast; IPv4-mapped IPv6 judged as IPv4)."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not ip.is_global or ip.is_multicast
-
-
-async def validate_url(url: str, field: str, allow_private: bool) -> str:
-    """A callback/webhook URL must be http(s), carry no credentials and (unless
-    the operator allows it) resolve only to public addresses."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputInvalid(f"{field} must be an http:// or https:// URL", details={"field": field})
-    if parts.username or parts.password:
-        raise InputInvalid(f"{field} must not contain credentials", details={"field": field})
-    if allow_private:
-        return url
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                       type=socket.SOCK_STREAM)
-    except OSError:
-        raise InputInvalid(f"{field} host {parts.hostname} cannot be resolved", details={"field": field}) from None
-    blocked = next((info[4][0] for info in infos if _blocked(info[4][0])), None)
-    if blocked is not None:
-        raise InputInvalid(f"{field} host {parts.hostname} resolves to {blocked}, a private, loopback or link-local "
-                           f"address; the operator must set delivery.allow_private = true to allow it",
-                           details={"field": field, "host": parts.hostname, "address": blocked})
-    return url
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Checks the addresses a delivery really connects to (DNS may change
-    between validation and sending)."""
-
-    def __init__(self) -> None:
-        self._inner = ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
-        hosts = await self._inner.resolve(host, port, family)
-        allowed = [h for h in hosts if not _blocked(h["host"])]
-        if not allowed:
-            raise OSError(f"refusing to deliver to {host}: it resolves to a private address")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 # --- the worker -----------------------------------------------------------------------------
 
 def backoff(attempts: int, settings: DeliverySettings) -> float:
@@ -169,6 +106,7 @@ class DeliveryWorker:
         self._runner: asyncio.Task | None = None
         self._projects: dict[str, tuple[float, Project]] = {}
         self._stats_at = float("-inf")
+        self.policy = AddressPolicy.for_delivery(settings)
 
     def wake(self) -> None:
         self._wake.set()
@@ -176,7 +114,7 @@ class DeliveryWorker:
     def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self.settings.max_in_flight,
-            resolver=None if self.settings.allow_private else PublicOnlyResolver())
+            resolver=None if self.policy.allow_private else PolicyResolver(self.policy))
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
             headers={"User-Agent": USER_AGENT})
@@ -241,8 +179,27 @@ class DeliveryWorker:
             self._projects[project_id] = (time.monotonic(), project)
         return project
 
-    async def _send(self, row: DeliveryRow) -> None:
+    async def _post(self, row: DeliveryRow, headers: dict[str, str]) -> tuple[int | None, str | None]:
+        """One attempt: (HTTP status if any, error or None). The URL is checked
+        again first: it may have been stored under other settings, or before a
+        restart."""
         assert self._session is not None
+        problem = send_time_problem(row.url, self.policy)
+        if problem is not None:
+            return None, problem
+        try:
+            async with self._session.post(row.url, data=row.body, headers=headers, allow_redirects=False) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return resp.status, None
+                return resp.status, f"HTTP {resp.status}" + (
+                    " (redirects are not followed)" if 300 <= resp.status < 400 else "")
+        except asyncio.TimeoutError:
+            return None, f"no response within {self.settings.timeout:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a URL the client cannot parse
+            return None, str(exc) or type(exc).__name__
+
+    async def _send(self, row: DeliveryRow) -> None:
         project = await self._project(row.project_id)
         if project is None:
             await self.store(Store.delivery_failed_attempt, row.id, "project no longer exists", None, None)
@@ -255,18 +212,7 @@ class DeliveryWorker:
             "webhook-signature": sign(project.signing_secrets(time.time()), row.event_id, ts, row.body),
             "X-StreamGuard-Event": row.event,
         }
-        status: int | None = None
-        error = None
-        try:
-            async with self._session.post(row.url, data=row.body, headers=headers, allow_redirects=False) as resp:
-                status = resp.status
-                await resp.read()
-                if not 200 <= status < 300:
-                    error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
-        except asyncio.TimeoutError:
-            error = f"no response within {self.settings.timeout:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            error = str(exc) or type(exc).__name__
+        status, error = await self._post(row, headers)
         self.metrics.delivery_attempts.inc()
         if error is None:
             await self.store(Store.delivery_done, row.id, status)

@@ -79,3 +79,9 @@ class CapacityReached(StreamGuardError):
 class Unavailable(StreamGuardError):
     code = "STREAMGUARD_UNAVAILABLE"
     http_status = 503
+
+
+class AddressRefused(InputInvalid):
+    """A URL resolves to an address the operator's address rules refuse."""
+
+    http_status = 422

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import LiveSettings
-from .errors import MediaError, SourceTimeout
+from .errors import AddressRefused, MediaError, SourceTimeout
 from .media.source import MediaSource, SourceOptions
 from .pipeline import SegmentPipeline, StopMode
 from .schemas import STATUS_NO_DATA
@@ -33,6 +33,8 @@ class TaskEnd:
 
 def classify(error: str | None, exc: BaseException | None = None) -> str:
     """A low-cardinality reason label for metrics."""
+    if isinstance(exc, AddressRefused):
+        return "address_refused"
     if isinstance(exc, SourceTimeout) or (error and "timed out" in error):
         return "timeout"
     if error is None:
@@ -48,7 +50,8 @@ def classify(error: str | None, exc: BaseException | None = None) -> str:
 class LiveSupervisor:
     def __init__(self, task_id: str, url: str, pipeline: SegmentPipeline, source_options: SourceOptions,
                  settings: LiveSettings, *, on_restart: Callable[[str, str], None] = lambda r, m: None,
-                 on_connected: Callable[[], None] = lambda: None) -> None:
+                 on_connected: Callable[[], None] = lambda: None,
+                 admit: Callable[[str], None] = lambda url: None) -> None:
         self.task_id = task_id
         self.url = url
         self.pipeline = pipeline
@@ -60,6 +63,8 @@ class LiveSupervisor:
         )
         self.on_restart = on_restart
         self.on_connected = on_connected
+        # Address rules, checked before every (re)connect; raises AddressRefused.
+        self.admit = admit
         self.last_error: str | None = None
         self._stop: tuple[str, TaskEnd] | None = None
         self._wake = threading.Event()
@@ -116,8 +121,9 @@ class LiveSupervisor:
                 source = MediaSource(self.url, self._attempt_options(), timeline_start=self.pipeline.timeline_end)
                 exc: BaseException | None = None
                 try:
+                    self.admit(self.url)
                     source.open()
-                except MediaError as err:
+                except (MediaError, AddressRefused) as err:
                     exc, error = err, err.message
                 else:
                     try:

@@ -99,6 +99,60 @@ encoder = msgspec.json.Encoder()
 
 # --- HTTP API ----------------------------------------------------------------
 
+STREAM_EVENTS = ("stream.started", "stream.stopped", "stream.segment")
+EVENTS = STREAM_EVENTS + (
+    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
+    "moderation.started", "moderation.completed", "moderation.failed",
+    "categorization.started", "categorization.completed", "categorization.failed",
+)
+
+# `metadata` is stored with the task and echoed in every event and read: keep it small.
+METADATA_MAX_BYTES = 16 * 1024  # JSON-encoded
+METADATA_MAX_DEPTH = 32  # the metadata object itself is level 1
+METADATA_RULE = f"at most {METADATA_MAX_BYTES} bytes as JSON and {METADATA_MAX_DEPTH} levels deep"
+
+
+class FieldInvalid(ValueError):
+    """A request field breaks a rule the type cannot express (raised in
+    __post_init__; msgspec reports it as a ValidationError caused by this)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:  # iterative: the nesting is what is being limited
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    if _deeper_than(metadata, METADATA_MAX_DEPTH):
+        raise FieldInvalid("metadata", f"metadata must be nested at most {METADATA_MAX_DEPTH} levels deep")
+    size = len(msgspec.json.encode(metadata))
+    if size > METADATA_MAX_BYTES:
+        raise FieldInvalid("metadata", f"metadata must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size})")
+
+
+def check_unique(field: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    for value in values:
+        (duplicates if value in seen else seen).add(value)
+    if duplicates:
+        raise FieldInvalid(field, f"{field} lists {', '.join(sorted(duplicates)[:5])} more than once")
+
+
 Fps = Annotated[int, Meta(ge=1, le=30)]
 SegmentSeconds = Annotated[int, Meta(ge=1, le=60)]
 Threshold = Annotated[float, Meta(ge=0, le=1)]
@@ -116,9 +170,14 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     max_logos: MaxLogos = 5
     segment_seconds: SegmentSeconds = 5
     threshold: Threshold = 0.30
-    renditions: Annotated[list[str], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["source"])
-    callback_url: str | None = None
-    metadata: dict[str, Any] | None = None
+    renditions: Annotated[list[str], Meta(min_length=1, max_length=8)] = msgspec.field(
+        default_factory=lambda: ["source"])  # max: room for every preset (source + 4 today)
+    callback_url: Annotated[str, Meta(max_length=4096)] | None = None
+    metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
+
+    def __post_init__(self) -> None:
+        check_unique("renditions", self.renditions)
+        check_metadata(self.metadata)
 
 
 class StreamStartedData(_Wire, kw_only=True):
@@ -203,8 +262,11 @@ class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
     """PUT /v1/project/webhook. url null removes the webhook; events empty or
     absent subscribes to every event."""
 
-    url: str | None
-    events: list[str] = []
+    url: Annotated[str, Meta(max_length=4096)] | None
+    events: Annotated[list[str], Meta(max_length=len(EVENTS), description="each event at most once")] = []
+
+    def __post_init__(self) -> None:
+        check_unique("events", self.events)
 
 
 class Delivery(_Wire, kw_only=True):

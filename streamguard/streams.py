@@ -18,8 +18,9 @@ from typing import Any
 
 import msgspec
 
+from .addresses import check_source_url, source_admission, validate_callback_url
 from .analysis import Analyzer
-from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items, validate_url
+from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items
 from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
 from .live import LiveSupervisor, TaskEnd
@@ -147,8 +148,9 @@ class StreamService:
         balance = await self.store(Store.balance, principal.key_id)
         if balance is not None and balance <= 0:
             raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
+        await check_source_url(req.url, self.settings.sources)
         if req.callback_url:
-            await validate_url(req.callback_url, "callback_url", self.settings.delivery.allow_private)
+            await validate_callback_url(req.callback_url, "callback_url", self.settings.delivery)
         row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id, kind="stream",
                       url=req.url, params=msgspec.to_builtins(req), state="starting", created_at=time.time())
         await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
@@ -176,6 +178,7 @@ class StreamService:
             self.settings.live,
             on_restart=lambda reason, msg: loop.call_soon_threadsafe(self._on_restart, row.id, reason),
             on_connected=lambda: loop.call_soon_threadsafe(self._on_connected, row.id),
+            admit=source_admission(self.settings.sources),
         )
         done: asyncio.Future[TaskEnd] = loop.create_future()
         task = RunningTask(row, supervisor, queue, done, next_seq=row.next_seq)

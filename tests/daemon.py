@@ -56,14 +56,19 @@ def request(base: str, method: str, path: str, body: Any = None, *, key: str | N
     return Reply(status, parsed, hdrs)
 
 
+# Tests publish their sources on loopback, which the source address rules refuse
+# by default; a test of those rules passes STREAMGUARD_SOURCES__ALLOW_PRIVATE=false.
+DEFAULT_ENV = {"STREAMGUARD_SOURCES__ALLOW_PRIVATE": "true"}
+
+
 class Daemon:
     """`python -m streamguard serve` on a free loopback port with its own data dir.
-    `env` adds STREAMGUARD_* overrides (e.g. short timeouts for tests)."""
+    `env` adds STREAMGUARD_* overrides (e.g. short timeouts for tests) to DEFAULT_ENV."""
 
     def __init__(self, data_dir: Path, bundle: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.bundle = bundle
-        self.env = env or {}
+        self.env = {**DEFAULT_ENV, **(env or {})}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

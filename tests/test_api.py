@@ -3,9 +3,12 @@ capacity and balance at start, keys CLI, OpenAPI, metrics."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from daemon import Daemon
+from streamguard.schemas import EVENTS
 from live_servers import SilentServer, closed_port
 
 ENVELOPE_KEYS = {"success", "error", "timestamp", "path"}
@@ -198,3 +201,68 @@ def test_keys_cli(daemon):
     assert missing.returncode == 1 and "no such key" in missing.stderr
     bad = daemon.cli("keys", "create", "--project", "gamma", "--balance", "-5")
     assert bad.returncode == 2
+
+
+# --- request bodies: malformed, oversized and repetitive input -----------------------------
+
+STREAM_URL = b'"rtmp://127.0.0.1/live/x"'
+
+
+def nested(depth: int) -> bytes:
+    """A JSON object `depth` levels deep."""
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b'{"url": ' + STREAM_URL + b', "metadata": {"a": "\xff\xfe"}}', "UTF-8"),
+    (b'{"url": ' + STREAM_URL + b', "metadata": {"\xc3\x28": 1}}', "UTF-8"),
+    (b'{"url": ' + STREAM_URL + b', "metadata": ' + nested(1000) + b"}", "nested"),
+    (b'{"url": ' + STREAM_URL + b', "metadata": ' + nested(100_000) + b"}", "nested"),
+])
+def test_undecodable_bodies_are_400(daemon, key, raw, needle):
+    assert_error(daemon.call("POST", "/v1/streams", key=key, raw=raw), 400, "STREAMGUARD_INPUT_INVALID", needle)
+
+
+@pytest.mark.parametrize("body,field,needle", [
+    ({"metadata": {"x": "a" * 16_400}}, "metadata", "16384 bytes"),
+    ({"metadata": {f"k{i}": i for i in range(3000)}}, "metadata", "16384 bytes"),
+    ({"metadata": {"list": json.loads(b"[" * 32 + b"1" + b"]" * 32)}}, "metadata", "32 levels"),  # 33 in all
+    ({"renditions": ["source", "source"]}, "renditions", "more than once"),
+    ({"renditions": ["source"] * 10_000}, "renditions", "renditions"),
+    ({"callback_url": "http://example.com/" + "a" * 5000}, "callback_url", "4096"),
+])
+def test_stream_request_limits(daemon, key, body, field, needle):
+    reply = daemon.call("POST", "/v1/streams", {"url": "rtmp://127.0.0.1/live/x", **body}, key=key)
+    assert_error(reply, 400, "STREAMGUARD_INPUT_INVALID", needle)
+    assert reply.error["details"]["field"] == field, reply.error
+
+
+def test_metadata_at_the_limits_is_accepted_and_echoed(daemon, key):
+    deepest = nested(31)  # inside the metadata object: 32 levels in all
+    metadata = {"deep": json.loads(deepest), "pad": ""}
+    size = len(json.dumps(metadata, separators=(",", ":")))
+    metadata["pad"] = "p" * (16 * 1024 - size)
+    reply = daemon.call("POST", "/v1/streams", {"url": f"rtmp://127.0.0.1:{closed_port()}/live/x",
+                                                "metadata": metadata}, key=key)
+    assert reply.status == 200, reply.body
+    task_id = reply.body["data"]["task_id"]
+    try:
+        assert daemon.call("GET", f"/v1/streams/{task_id}", key=key).data["metadata"] == metadata
+    finally:
+        daemon.call("POST", f"/v1/streams/{task_id}/stop", key=key)
+
+
+@pytest.mark.parametrize("events,needle", [
+    (["stream.started", "stream.started"], "stream.started more than once"),
+    (["stream.segment"] * 10_000, f"at most {len(EVENTS)}"),  # no more entries than there are events
+])
+def test_webhook_events_are_bounded_and_unique(daemon, key, events, needle):
+    reply = daemon.call("PUT", "/v1/project/webhook", {"url": None, "events": events}, key=key)
+    assert_error(reply, 400, "STREAMGUARD_INPUT_INVALID", needle)
+    assert reply.error["details"]["field"] == "events", reply.error
+    assert daemon.call("GET", "/v1/project", key=key).data["webhook"]["events"] == []
+
+
+def test_json_bodies_over_1_mib_are_413(daemon, key):
+    raw = b'{"url": null, "events": [], "pad": "' + b"x" * (1 << 20) + b'"}'
+    assert_error(daemon.call("PUT", "/v1/project/webhook", key=key, raw=raw), 413, "STREAMGUARD_PAYLOAD_TOO_LARGE")
