@@ -23,6 +23,7 @@ from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items, vali
 from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
 from .live import LiveSupervisor, TaskEnd
+from .media.probe import check_live_source
 from .media.source import SourceOptions
 from .metrics import Metrics
 from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
@@ -149,6 +150,7 @@ class StreamService:
             raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
         if req.callback_url:
             await validate_url(req.callback_url, "callback_url", self.settings.delivery.allow_private)
+        await check_live_source(req.url, self.settings.live.open_timeout)  # a recording is a file job
         row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id, kind="stream",
                       url=req.url, params=msgspec.to_builtins(req), state="starting", created_at=time.time())
         await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
