@@ -153,11 +153,10 @@ class MediaSource:
             try:
                 packet = next(demux)
             except StopIteration:
-                if t0 is None and self.replay is not None and (why := self.replay.why_nothing()):
-                    self.read_error = f"reading {self.url}: {why}"
+                self.read_error = self._only_replayed(t0)
                 return
             except Exception as exc:
-                self.read_error = f"reading {self.url} failed: {describe_av_error(exc)}"
+                self.read_error = self._only_replayed(t0) or f"reading {self.url} failed: {describe_av_error(exc)}"
                 return
             if packet.size == 0 or packet.pts is None and packet.dts is None:
                 continue  # demuxer flush packets
@@ -177,6 +176,11 @@ class MediaSource:
                 self.replay.note(packet)
             self._rebase(packet, t0)
             yield packet
+
+    def _only_replayed(self, t0: Fraction | None) -> str | None:
+        """Why a connection that ends before its start had nothing new."""
+        why = self.replay.why_nothing() if self.replay is not None and t0 is None else None
+        return f"reading {self.url}: {why}" if why else None
 
     def _starts_here(self, packet: av.Packet) -> bool:
         """Whether this connection's video starts at this packet: its first
