@@ -143,7 +143,7 @@ class LiveSupervisor:
         try:
             while self._stop is None:
                 got_video_before = self._last_video
-                if self._ended():
+                if self._ended() or self._stop is not None:
                     continue
                 source = MediaSource(self.url, self._attempt_options(), timeline_start=self.pipeline.timeline_end,
                                      replay=self._replay)
