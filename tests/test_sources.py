@@ -32,7 +32,8 @@ import live_servers as ls  # noqa: E402
 from daemon import Daemon  # noqa: E402
 
 from streamguard.errors import NotLiveSource  # noqa: E402
-from streamguard.media.probe import PLAYLIST_BYTES, Verdict, check_live_source, finished_playlist, probe_http_source  # noqa: E402,E501
+from streamguard.media.probe import (PLAYLIST_BYTES, Verdict, check_live_source, finished_playlist,  # noqa: E402
+                                     probe_http_source)
 from streamguard.media.replay import ReplayGuard  # noqa: E402
 from streamguard.media.source import MediaSource, SourceOptions  # noqa: E402
 
