@@ -78,7 +78,8 @@ class LiveSettings(_Section, kw_only=True):
     # A task ends with status 15 after this many seconds without video.
     no_data_timeout: PosFloat = 30.0
     # Connect/open timeout for live sources; also bounds how long a stop waits
-    # for a source that is still connecting.
+    # for a source that is still connecting, and the look at an http(s) URL at
+    # start (is it a recording?) and before each reconnect (did its playlist end?).
     open_timeout: PosFloat = 5.0
     # Read timeout for live sources; also bounds how long a stop waits for a
     # silent source.

@@ -25,6 +25,13 @@ class InputInvalid(StreamGuardError):
     http_status = 400
 
 
+class NotLiveSource(InputInvalid):
+    """A stream URL that is a recording (a file, a finished playlist) or not
+    video at all: well-formed, but not something a live task can run on."""
+
+    http_status = 422
+
+
 class ModelError(StreamGuardError):
     code = "STREAMGUARD_MODEL_ERROR"
     http_status = 503

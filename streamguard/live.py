@@ -5,6 +5,11 @@ Every (re)connection is logged and counted with its reason. The media
 timeline and segment numbering continue across reconnects (the pipeline
 carries them). A task ends with status 15 after `no_data_timeout` seconds
 without video, whether the source refuses, stays silent or sends no video.
+
+A source that ended is never reopened at its start: an http(s) source is
+looked at before each (re)connect and not reopened while its HLS playlist has
+`#EXT-X-ENDLIST` (FFmpeg would play it again as VOD), and a connection that
+starts with video already delivered skips it (media.replay).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Callable
 
 from .config import LiveSettings
 from .errors import AddressRefused, MediaError, SourceTimeout
+from .media.probe import finished_playlist, is_http
+from .media.replay import ReplayGuard
 from .media.source import MediaSource, SourceOptions
 from .pipeline import SegmentPipeline, StopMode
 from .schemas import STATUS_NO_DATA
@@ -70,6 +77,7 @@ class LiveSupervisor:
         self._wake = threading.Event()
         self._last_video = time.monotonic()
         self._connected_once = False
+        self._replay = ReplayGuard(abort=self._overdue) if is_http(url) else None
 
     # --- control (any thread) -------------------------------------------------
 
@@ -107,6 +115,32 @@ class LiveSupervisor:
         return SourceOptions(open_timeout=max(0.5, min(opts.open_timeout, remaining)),
                              read_timeout=opts.read_timeout, decode_threads=opts.decode_threads)
 
+    def _overdue(self) -> bool:
+        return self._stop is not None or time.monotonic() - self._last_video >= self.settings.no_data_timeout
+
+    def _ended(self) -> bool:
+        """An http(s) source whose playlist ended is not reopened (that would
+        replay it from its start): wait for the no-data deadline instead,
+        looking again now and then in case it goes live again. True when the
+        source was not reopened."""
+        ended = finished_playlist(self.url, self._attempt_options().open_timeout, check_hop=self._admit_hop)
+        if ended is None:
+            return False
+        if self.last_error != ended:
+            self.last_error = ended
+            log.warning("task %s: %s; not reopening it", self.task_id, ended)
+        idle = time.monotonic() - self._last_video
+        remaining = self.settings.no_data_timeout - idle
+        if remaining <= 0:
+            self.request_stop(StopMode.NOW, STATUS_NO_DATA, f"no video for {idle:.0f} s: {ended}")
+        else:
+            self._wake.wait(min(self.settings.reconnect_max_backoff, remaining))
+        return True
+
+    async def _admit_hop(self, url: str) -> None:
+        """Redirects and variants the playlist check follows obey the same rules."""
+        self.admit(url)
+
     def _on_video(self) -> None:
         self._last_video = time.monotonic()
         if not self._connected_once:
@@ -118,10 +152,13 @@ class LiveSupervisor:
         try:
             while self._stop is None:
                 got_video_before = self._last_video
-                source = MediaSource(self.url, self._attempt_options(), timeline_start=self.pipeline.timeline_end)
                 exc: BaseException | None = None
                 try:
-                    self.admit(self.url)
+                    self.admit(self.url)  # before anything connects, the playlist check included
+                    if self._ended() or self._stop is not None:
+                        continue
+                    source = MediaSource(self.url, self._attempt_options(),
+                                         timeline_start=self.pipeline.timeline_end, replay=self._replay)
                     source.open()
                 except (MediaError, AddressRefused) as err:
                     exc, error = err, err.message

@@ -24,6 +24,7 @@ from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items
 from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
 from .live import LiveSupervisor, TaskEnd
+from .media.probe import check_live_source
 from .media.source import SourceOptions
 from .metrics import Metrics
 from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
@@ -151,6 +152,9 @@ class StreamService:
         await check_source_url(req.url, self.settings.sources)
         if req.callback_url:
             await validate_callback_url(req.callback_url, "callback_url", self.settings.delivery)
+        # A recording is a file job; each hop the probe follows obeys the address rules.
+        await check_live_source(req.url, self.settings.live.open_timeout,
+                                check_hop=lambda url: check_source_url(url, self.settings.sources))
         row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id, kind="stream",
                       url=req.url, params=msgspec.to_builtins(req), state="starting", created_at=time.time())
         await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])

@@ -197,6 +197,26 @@ def test_non_video_input(cli, tmp_path):
     _no_traceback_error(cli("scan", path, "--data-dir", tmp_path), "not a readable media file")
 
 
+@pytest.mark.parametrize("lines, needle", [(2, "not a readable media file"), (2000, "text (ASCII/ANSI art)")])
+def test_text_file_is_not_video(cli, tmp_path, lines, needle):
+    """FFmpeg reads a long enough .txt as "ansi" video (text drawn as pictures):
+    refused at open with one line, never a crash."""
+    path = tmp_path / "notes.txt"
+    path.write_text("".join(f"Lorem ipsum dolor sit amet, line {i}\n" for i in range(lines)))
+    res = cli("scan", path, "--data-dir", tmp_path)
+    assert res.returncode == 1, res
+    _no_traceback_error(res, needle)
+
+
+def test_cover_picture_is_not_video(cli, tmp_path):
+    path = tmp_path / "song.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=2", "-f", "lavfi", "-i",
+                    "color=red:s=64x64:d=1", "-map", "0", "-map", "1", "-c:a", "libmp3lame", "-c:v", "mjpeg",
+                    "-frames:v", "1", "-disposition:v", "attached_pic", str(path)], check=True)
+    _no_traceback_error(cli("scan", path, "--data-dir", tmp_path), "no video stream to moderate (it contains a "
+                                                                    "cover picture, audio)")
+
+
 def test_missing_file(cli, tmp_path):
     _no_traceback_error(cli("scan", tmp_path / "nope.mp4", "--data-dir", tmp_path), "no such file")
 

@@ -21,10 +21,15 @@ import av
 import av.error
 
 from ..errors import MediaError, SourceTimeout
+from .replay import ReplayGuard
 
 log = logging.getLogger(__name__)
 
 TIMELINE_OFFSET = Fraction(7, 5)  # 1.4 s
+
+# Text drawn as pictures (FFmpeg's tty and bintext demuxers claim .txt, .nfo,
+# .ans...): a "video" stream, but not video anyone publishes, and not muxable.
+TEXT_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class MediaSource:
     """One input. `open()` raises MediaError with a clear reason; `packets()`
     yields timeline-rebased packets of the video and first audio stream."""
 
-    def __init__(self, url: str, options: SourceOptions, timeline_start: Fraction = Fraction(0)) -> None:
+    def __init__(self, url: str, options: SourceOptions, timeline_start: Fraction = Fraction(0), *,
+                 replay: ReplayGuard | None = None) -> None:
         self.url = url
         self.options = options
         # Where this connection's first keyframe lands on the task's timeline
@@ -75,6 +81,7 @@ class MediaSource:
         self.video: av.video.stream.VideoStream | None = None
         self.audio: av.audio.stream.AudioStream | None = None
         self._base: dict[int, int] = {}  # stream index -> ticks subtracted
+        self.replay = replay
         self.read_error: str | None = None
 
     def open(self) -> None:
@@ -89,16 +96,31 @@ class MediaSource:
             reason = describe_av_error(exc)
             cls = SourceTimeout if is_timeout(exc) else MediaError
             raise cls(f"cannot open {self.url}: {reason}") from None
-        videos = [s for s in self.container.streams.video if s.codec_context is not None]
-        if not videos:
-            kinds = sorted({s.type for s in self.container.streams}) or ["nothing"]
-            self.close()
-            raise MediaError(f"{self.url} has no video stream (it contains {', '.join(kinds)})")
-        self.video = videos[0]
+        self.video = self._pick_video()
         self.audio = next(iter(self.container.streams.audio), None)
         ctx = self.video.codec_context
         ctx.thread_count = self.options.decode_threads
         ctx.thread_type = "AUTO" if self.options.decode_threads != 1 else "SLICE"
+
+    def _pick_video(self) -> av.video.stream.VideoStream:
+        """The first stream that is real, decodable video (not a cover picture,
+        not text drawn as pictures); MediaError saying why there is none."""
+        assert self.container is not None
+        found: list[str] = []
+        for stream in self.container.streams.video:
+            ctx = stream.codec_context
+            if ctx is None:
+                found.append("video in a codec with no decoder")
+            elif ctx.name in TEXT_CODECS:
+                found.append(f"text ({ctx.codec.long_name}), not video")
+            elif stream.disposition & av.stream.Disposition.attached_pic:
+                found.append("a cover picture")
+            else:
+                return stream
+        others = sorted({s.type for s in self.container.streams if s.type != "video"})
+        self.close()
+        contents = found + others or ["nothing"]
+        raise MediaError(f"{self.url} has no video stream to moderate (it contains {', '.join(contents)})")
 
     def close(self) -> None:
         if self.container is not None:
@@ -125,18 +147,23 @@ class MediaSource:
         t0: Fraction | None = None
         audio_start = 0  # first audio pts (stream ticks) at or after t0
         demux = self.container.demux(streams)
+        if self.replay is not None:
+            self.replay.begin()
         while True:
             try:
                 packet = next(demux)
             except StopIteration:
+                self.read_error = self._only_replayed(t0)
                 return
             except Exception as exc:
-                self.read_error = f"reading {self.url} failed: {describe_av_error(exc)}"
+                self.read_error = self._only_replayed(t0) or f"reading {self.url} failed: {describe_av_error(exc)}"
                 return
             if packet.size == 0 or packet.pts is None and packet.dts is None:
                 continue  # demuxer flush packets
             if t0 is None:
-                if packet.stream is not self.video or not packet.is_keyframe or packet.pts is None:
+                if not self._starts_here(packet):
+                    if self.read_error is not None:
+                        return
                     continue
                 t0 = packet.pts * packet.stream.time_base
                 if self.audio is not None:
@@ -145,6 +172,24 @@ class MediaSource:
                 packet.pts = packet.dts
             if packet.stream is not self.video and packet.pts < audio_start:
                 continue  # audio from before the first keyframe has no segment to go to
+            if self.replay is not None and packet.stream is self.video:
+                self.replay.note(packet)
             self._rebase(packet, t0)
             yield packet
+
+    def _only_replayed(self, t0: Fraction | None) -> str | None:
+        """Why a connection that ends before its start had nothing new."""
+        why = self.replay.why_nothing() if self.replay is not None and t0 is None else None
+        return f"reading {self.url}: {why}" if why else None
+
+    def _starts_here(self, packet: av.Packet) -> bool:
+        """Whether this connection's video starts at this packet: its first
+        keyframe, past any video the task already had (ReplayGuard). Sets
+        `read_error` when the connection only replays old video."""
+        if self.replay is not None and (reason := self.replay.give_up(packet)) is not None:
+            self.read_error = f"reading {self.url}: {reason}"
+            return False
+        if packet.stream is not self.video or not packet.is_keyframe or packet.pts is None:
+            return False
+        return self.replay is None or not self.replay.seen(packet)
 
