@@ -234,7 +234,11 @@ class StreamService:
             row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id,
                           kind="stream", url=req.url, params=msgspec.to_builtins(req), state="starting",
                           created_at=time.time())
-            prepared = self._prepare(row, req)
+            try:
+                prepared = self._prepare(row, req)
+            except OSError as exc:
+                log.error("task %s not started: its media dir is not writable: %s", row.id, exc)
+                raise Unavailable(f"this node cannot write media: {exc.strerror or exc}") from None
             await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
         except BaseException:
             if prepared is not None:
