@@ -197,8 +197,8 @@ class LiveSupervisor:
                                   f"task failed {len(self._failures)} times within {window:.0f} s; "
                                   f"last: {failure.message}")
                 return False
-            log.warning("task %s: %s; restarting its pipeline (failure %d of %d allowed within %.0f s)",
-                        self.task_id, failure.message, len(self._failures), limit - 1, window)
+            log.warning("task %s: %s; restarting its pipeline (failure %d; %d within %.0f s end the task)",
+                        self.task_id, failure.message, len(self._failures), limit, window)
             self.pipeline.cancel_frames()
             # Short pause so a failing disk or store is not hammered; a stop cuts it short.
             self._wake.clear()
@@ -211,8 +211,9 @@ class LiveSupervisor:
                 self.pipeline = self.rebuild(index, start)
                 return True
             except Exception as exc:
-                log.exception("task %s: rebuilding the pipeline failed", self.task_id)
                 failure = describe_failure(exc)
+                log.error("task %s: rebuilding the pipeline failed: %s", self.task_id, exc,
+                          exc_info=failure.reason == "internal")
 
     def run(self) -> TaskEnd:
         attempt = 0
@@ -226,8 +227,9 @@ class LiveSupervisor:
                     try:
                         error, exc = self._read_once()
                     except Exception as err:  # the task's own failure, not the source's
-                        log.exception("task %s: pipeline failed", self.task_id)
                         failure = describe_failure(err)
+                        log.error("task %s: pipeline failed: %s", self.task_id, err,
+                                  exc_info=failure.reason == "internal")
                     # A consumer's report wins: it knows the last segment actually stored.
                     failure = self._take_failure() or failure
                 if self._stop is not None:
@@ -256,7 +258,7 @@ class LiveSupervisor:
             self.pipeline.cancel_frames()
             try:
                 self.pipeline.close()
-            except Exception:  # the playlist cannot be closed (the same broken disk): the end stands
-                log.exception("task %s: closing its playlist failed", self.task_id)
+            except Exception as exc:  # the playlist cannot be closed (the same broken disk): the end stands
+                log.error("task %s: closing its playlist failed: %s", self.task_id, exc)
         assert self._stop is not None
         return self._stop[1]
