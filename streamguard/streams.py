@@ -224,7 +224,6 @@ class StreamService:
         are stored; a failed start stores nothing and frees its slot."""
         validate_stream_request(req)
         self._admit()
-        prepared: PreparedTask | None = None
         try:
             balance = await self.store(Store.balance, principal.key_id)
             if balance is not None and balance <= 0:
@@ -239,16 +238,30 @@ class StreamService:
             except OSError as exc:
                 log.error("task %s not started: its media dir is not writable: %s", row.id, exc)
                 raise Unavailable(f"this node cannot write media: {exc.strerror or exc}") from None
+        except BaseException:
+            self._admitting -= 1
+            raise
+        # Once the row may be written the start completes even if the caller
+        # goes away (a stored task must run, never linger as a ghost).
+        commit = asyncio.create_task(self._commit(prepared), name=f"start-{row.id}")
+        self._pending.add(commit)
+        commit.add_done_callback(self._pending.discard)
+        await asyncio.shield(commit)
+        return row
+
+    async def _commit(self, prepared: PreparedTask) -> None:
+        """Store the task and its `stream.started` event, then run it; the slot
+        taken by `_admit` passes to the running task (or is freed)."""
+        row = prepared.row
+        try:
             await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
         except BaseException:
-            if prepared is not None:
-                shutil.rmtree(self.media_root / prepared.row.id, ignore_errors=True)
+            shutil.rmtree(self.media_root / row.id, ignore_errors=True)
             raise
         finally:
             self._admitting -= 1
-        self._run(prepared)
+        self._run(prepared)  # no await since the slot was released: it is taken again here
         self.delivery.wake()
-        return row
 
     def _prepare(self, row: TaskRow, req: StreamRequest) -> PreparedTask:
         """The parts of a task that can fail before it runs (its media dir must be writable)."""
