@@ -138,6 +138,11 @@ class LiveSupervisor:
 
     # --- the supervisor thread -------------------------------------------------
 
+    def handed_off(self, waited: float) -> None:
+        """The ingest thread waited `waited` s for the record consumer to take a
+        segment (backpressure): time the source was not read, not silence."""
+        self._last_video += waited
+
     def _should_stop(self) -> str | None:
         if self._stop is not None:
             return self._stop[0]

@@ -111,7 +111,7 @@ class PreparedTask:
     pipeline: SegmentPipeline
     queue: SegmentQueue
     make_pipeline: Callable[[int, Fraction], SegmentPipeline]
-    abandon: list[Callable[[], bool]]  # emit's "give the segment up?", bound to the supervisor in _run
+    supervisor: list[LiveSupervisor]  # emit's view of the supervisor, bound in _run
 
 
 def validate_stream_request(req: StreamRequest) -> None:
@@ -271,11 +271,13 @@ class StreamService:
         opts = PipelineOptions(segment_seconds=req.segment_seconds, fps=req.fps, threshold=req.threshold,
                                moderate=req.enable_content_moderation)
         task_dir = self.media_root / row.id
-        abandon: list[Callable[[], bool]] = [lambda: False]  # the supervisor's, once it exists
+        supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
 
         def emit(closed: ClosedSegment) -> None:
-            if queue.put(closed, abandon[0]):
+            t0 = time.monotonic()
+            if queue.put(closed, lambda: supervisor[0].abandoning):
                 self.metrics.record_queue_depth.inc()
+            supervisor[0].handed_off(time.monotonic() - t0)
 
         def make_pipeline(next_index: int, timeline_start: Fraction) -> SegmentPipeline:
             pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=next_index,
@@ -286,7 +288,7 @@ class StreamService:
             return pipeline
 
         pipeline = make_pipeline(row.next_seq, Fraction(row.timeline_end).limit_denominator(90000))
-        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, abandon)
+        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, supervisor)
 
     def _run(self, prepared: PreparedTask) -> None:
         """Start a prepared task's ingest thread and record consumer."""
@@ -301,7 +303,7 @@ class StreamService:
             rebuild=prepared.make_pipeline,
             on_failure=lambda failure: loop.call_soon_threadsafe(self._on_failure, failure),
         )
-        prepared.abandon[0] = lambda: supervisor.abandoning
+        prepared.supervisor.append(supervisor)
         done: asyncio.Future[TaskEnd] = loop.create_future()
         task = RunningTask(row, supervisor, queue, done, next_seq=row.next_seq,
                            timeline_end=prepared.pipeline.timeline_end)
