@@ -410,12 +410,10 @@ class StreamService:
         self.metrics.tasks_ended.labels(str(end.status)).inc()
         log.info("task %s ended: %s %s", row.id, end.status, end.message)
         await self._store_end(row, task.next_seq, end)
-        self._ended.pop(row.id, None)
-        self.metrics.segments.labels(str(end.status)).inc()
 
     async def _store_end(self, row: TaskRow, seq: int, end: TaskEnd) -> None:
         """The terminal record, retried until the store takes it (a failing
-        store must not lose how the task ended)."""
+        store must not lose how the task ended); GET shows `_ended` meanwhile."""
         delay = 0.5
         while True:
             try:
@@ -426,6 +424,8 @@ class StreamService:
                 self.metrics.task_failures.labels(describe_failure(exc).reason).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        self._ended.pop(row.id, None)
+        self.metrics.segments.labels(str(end.status)).inc()
         self.delivery.wake()
 
     async def _store_segment(self, task: RunningTask, closed: ClosedSegment, record: SegmentRecord) -> None:
@@ -538,7 +538,10 @@ class StreamService:
                 failure = describe_failure(exc)
                 log.error("task %s: cannot resume: %s", row.id, failure.message)
                 self.metrics.task_failures.labels(failure.reason).inc()
-                await self._store_end(row, row.next_seq, TaskEnd(STATUS_CAPACITY, f"cannot resume: {failure.message}"))
+                end = TaskEnd(STATUS_CAPACITY, f"cannot resume: {failure.message}")
+                self._ended[row.id] = end
+                # In the background: a store that cannot take it yet must not hold the daemon's start.
+                self._background(self._store_end(row, row.next_seq, end), f"task {row.id}: terminal record")
                 continue
             self._run(prepared)
         return len(rows)

@@ -179,10 +179,18 @@ def test_start_that_cannot_make_its_media_dir_stores_nothing(tmp_path: Path, tes
         media.unlink()
         task_id = start_ok(d, key, publisher)  # the failed start gave its slot back
         d.kill()
-    with Daemon(data, test_bundle, ENV) as d2:  # a restart resumes only the real task
+    # A restart resumes only the real task; one whose media dir is broken by then ends
+    # with 16 naming why, instead of running without media or holding the daemon up.
+    task_dir = data / "media" / task_id
+    shutil.rmtree(task_dir)
+    task_dir.write_text("not a directory")
+    with Daemon(data, test_bundle, ENV) as d2:
         listing = d2.call("GET", "/v1/streams", key=key).data
         assert [t["task_id"] for t in listing["items"]] == [task_id], listing
-        assert d2.call("POST", f"/v1/streams/{task_id}/stop", key=key).status == 200
+        view = d2.wait_stopped(task_id, key, timeout=10)
+        assert view["status"] == 16 and view["message"].startswith("cannot resume: cannot write media"), view
+        assert statuses(d2.records(task_id, key)) == [16]
+        assert metric(d2, "streamguard_task_failures_total", '{reason="media"}') == 1
 
 
 # --------------------------------------------------------------------------- item 6: admission
