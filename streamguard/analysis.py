@@ -60,13 +60,32 @@ def resolve_model_dir(settings: Settings, override: str | None = None) -> Path:
     return Path(path) if path else settings.data_dir / "models" / "default"
 
 
+class TextTokenMeter:
+    """Text tokens encoded for one request (its own prompts or names), charged
+    to that request's next record. The node's shared prompt embeddings (encoded
+    at start or for the cache) never count here: they serve every tenant, so
+    charging them to whichever segment comes first would bill one tenant for
+    the node's own work."""
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def add(self, tokens: int) -> None:
+        with self._lock:
+            self._pending += tokens
+
+    def take(self) -> int:
+        with self._lock:
+            tokens, self._pending = self._pending, 0
+            return tokens
+
+
 class Analyzer:
     def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer) -> None:
         self.model = model
         self.batcher = batcher
         self.scorer = scorer
-        self._text_tokens = 0
-        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, settings: Settings, model_dir: Path,
@@ -77,17 +96,11 @@ class Analyzer:
                                    max_wait=settings.inference.max_wait_ms / 1000, on_batch=on_batch)
         return cls(model, batcher, ModerationScorer(model, cache))
 
-    def prepare(self) -> None:
-        """Encode (or load cached) prompt embeddings; blocking, call off-loop."""
-        tokens = self.scorer.prepare()
-        with self._lock:
-            self._text_tokens += tokens
-
-    def take_text_tokens(self) -> int:
-        """Prompt tokens encoded since the last call: charged to one segment."""
-        with self._lock:
-            tokens, self._text_tokens = self._text_tokens, 0
-            return tokens
+    def prepare(self) -> int:
+        """Encode (or load cached) the shared prompt embeddings; blocking, call
+        off-loop. Returns the prompt tokens encoded: the node's own cost, charged
+        to no request."""
+        return self.scorer.prepare()
 
     @property
     def image_size(self) -> int:

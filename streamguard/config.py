@@ -86,6 +86,11 @@ class LiveSettings(_Section, kw_only=True):
     read_timeout: PosFloat = 5.0
     # Reconnect backoff: doubles from 0.5 s up to this, with jitter.
     reconnect_max_backoff: PosFloat = 5.0
+    # An unexpected failure inside a task (media or store write, a bug)
+    # restarts its pipeline; this many failures within `failure_window`
+    # seconds end the task with status 16, naming the last cause.
+    max_failures: Annotated[int, Meta(ge=1, le=100)] = 3
+    failure_window: PosFloat = 300.0
 
 
 class LimitsSettings(_Section, kw_only=True):

@@ -35,6 +35,15 @@ class Metrics:
                                   ["reason"], registry=r)
         self.tasks_ended = Counter("streamguard_tasks_ended_total", "Live tasks ended, by final status.",
                                    ["status"], registry=r)
+        self.task_failures = Counter(
+            "streamguard_task_failures_total",
+            "Unexpected failures inside live tasks (media write, store, internal), by reason; each restarts "
+            "the task's pipeline, repeated ones end the task with 16.", ["reason"], registry=r)
+        self.ingest_threads = Gauge("streamguard_ingest_threads",
+                                    "Live ingest threads alive (one per running task).", registry=r)
+        self.prompt_tokens = Counter("streamguard_prompt_tokens_encoded_total",
+                                     "Prompt tokens the node encoded for itself (shared prompt embeddings); "
+                                     "charged to no tenant.", registry=r)
         self.tasks_shed = Counter("streamguard_tasks_shed_total",
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)

@@ -8,7 +8,7 @@ across one or more connections to the source, and hands each closed segment,
 with futures for its sampled frames, to `emit`; `ingest()` is the one-shot
 form for files.
 `RecordAssembler` runs on the event loop and turns those, in order, into
-records. The hand-off queue between them is unbounded per pipeline, but holds
+records. The live hand-off queue between them is bounded (streams.py); it holds
 only futures and small metadata; frames themselves wait in the batcher.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import av
 
-from .analysis import Analyzer
+from .analysis import Analyzer, TextTokenMeter
 from .errors import StreamGuardError
 from .media.hls import SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
 from .media.sampler import FrameSampler, SampledFrame, SamplerStats
@@ -189,6 +189,8 @@ class SegmentPipeline:
                 try:
                     rendition.write(packet, copy=is_video and sampler.holds(packet))
                 except av.error.FFmpegError as exc:
+                    if isinstance(exc, OSError):  # the output cannot be written: the task's failure, not the packet's
+                        raise
                     mux_errors += 1
                     log.debug("mux error in %s: %s", source.url, exc)
             if not stopped_at_cut:
@@ -229,6 +231,7 @@ class RecordAssembler:
         self.opts = opts
         self.analyzer = analyzer
         self.media = media
+        self.text_tokens = TextTokenMeter()  # text encoded for this request alone
 
     async def build(self, closed: ClosedSegment) -> SegmentRecord:
         seg = closed.segment
@@ -242,7 +245,7 @@ class RecordAssembler:
             except StreamGuardError as exc:
                 return status_record(self.task_id, STATUS_ERROR, f"segment {seg.index}: {exc.message}")
             video_tokens = len(closed.frames) * self.analyzer.tokens_per_image
-            text_tokens = self.analyzer.take_text_tokens()
+            text_tokens = self.text_tokens.take()
         elapsed_ms = (time.monotonic() - closed.closed_at) * 1000
         data = SegmentData(
             segment_index=seg.index, start_time=fmt_time(seg.start), end_time=fmt_time(seg.end),

@@ -44,7 +44,7 @@ class Runtime:
         metrics = Metrics()
         analyzer = await loop.run_in_executor(
             None, lambda: Analyzer.create(settings, resolve_model_dir(settings, model_dir), metrics.on_batch))
-        await loop.run_in_executor(None, analyzer.prepare)
+        metrics.prompt_tokens.inc(await loop.run_in_executor(None, analyzer.prepare))  # the node's cost
         public = settings.server.public_url or f"http://{settings.server.host}:{settings.server.port}"
         delivery = DeliveryWorker(store, settings.delivery, metrics)
         delivery.start()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
@@ -23,32 +24,96 @@ from .analysis import Analyzer
 from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items
 from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
-from .live import LiveSupervisor, TaskEnd
+from .live import Failure, LiveSupervisor, TaskEnd, describe_failure
 from .media.probe import check_live_source
 from .media.source import SourceOptions
 from .metrics import Metrics
 from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
-from .schemas import (STATUS_CAPACITY, STATUS_ERROR, STATUS_NO_BALANCE, STATUS_USER_STOPPED, SegmentRecord,
+from .schemas import (STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, SegmentRecord,
                       StreamRequest, encoder, status_record)
 from .store import AsyncStore
 from .store.sqlite import InsufficientBalance as StoreInsufficientBalance
-from .store.sqlite import OutboxItem, Principal, Store, TaskRow, new_id
+from .store.sqlite import KeyRevoked, OutboxItem, Principal, Store, TaskRow, new_id
 
 log = logging.getLogger(__name__)
 
 STREAM_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://", "http://", "https://")
 
 
+# Closed segments the ingest thread may hand over before it waits for the
+# record consumer. A consumer that far behind is blocked on the store (each
+# attempt bounded by the busy timeout) or on inference (which the shedder
+# watches); the queue holds futures and metadata only, a few KB a segment.
+MAX_PENDING_SEGMENTS = 8
+# How often running tasks check for a revoked key when they have no record to
+# store (a record's own transaction checks it every segment).
+REVOCATION_CHECK_SECONDS = 2.0
+# How long `stop` waits for the terminal record before answering with the
+# task's state as stored (the stop stands either way).
+STOP_WAIT_SECONDS = 15.0
+
+
+class SegmentQueue:
+    """Closed segments from the ingest thread to the record consumer, in
+    order, bounded: when `limit` are pending, the ingest thread waits
+    (backpressure) and gives a segment up only when the task is ending."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = MAX_PENDING_SEGMENTS) -> None:
+        self._loop = loop
+        self._slots = threading.Semaphore(limit)
+        self._queue: asyncio.Queue[ClosedSegment | None] = asyncio.Queue()
+
+    def put(self, closed: ClosedSegment, abandon: Callable[[], bool]) -> bool:
+        """Ingest thread. False when the segment was given up (its frames withdrawn)."""
+        while not self._slots.acquire(timeout=0.25):
+            if abandon():
+                for _, fut in closed.frames:
+                    fut.cancel()
+                return False
+        self._call(self._queue.put_nowait, closed)
+        return True
+
+    def close(self) -> None:
+        """Ingest thread: no more segments (takes no slot)."""
+        self._call(self._queue.put_nowait, None)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
+
+    async def get(self) -> ClosedSegment | None:
+        item = await self._queue.get()
+        if item is not None:
+            self._slots.release()
+        return item
+
+
 @dataclass
 class RunningTask:
     row: TaskRow
     supervisor: LiveSupervisor
-    queue: asyncio.Queue
+    queue: SegmentQueue
     done: asyncio.Future
     consumer: asyncio.Task | None = None
-    next_seq: int = 0
-    # Ended at once (balance, shed): segments still in flight get no record.
+    next_seq: int = 0  # the next segment_index to store: records tile, with no gaps
+    timeline_end: Fraction = Fraction(0)  # where the last stored segment ended
+    # Ended at once (balance, shed, revoked key): segments still in flight get no record.
     discard: bool = False
+
+
+@dataclass
+class PreparedTask:
+    """Everything a task needs that can fail, made before its row is stored."""
+
+    row: TaskRow
+    opts: PipelineOptions
+    analyzer: Analyzer | None
+    pipeline: SegmentPipeline
+    queue: SegmentQueue
+    make_pipeline: Callable[[int, Fraction], SegmentPipeline]
+    supervisor: list[LiveSupervisor]  # emit's view of the supervisor, bound in _run
 
 
 def validate_stream_request(req: StreamRequest) -> None:
@@ -122,8 +187,11 @@ class StreamService:
         self.media_root = settings.data_dir / "media"
         self.public_url = public_url.rstrip("/")
         self.tasks: dict[str, RunningTask] = {}
+        self._admitting = 0  # starts holding a capacity slot, not yet in self.tasks
+        # Ended tasks whose terminal record is not stored yet (the store is failing): what GET shows meanwhile.
+        self._ended: dict[str, TaskEnd] = {}
         self.draining = False
-        self._shedder: asyncio.Task | None = None
+        self._loops: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
 
     # --- queries --------------------------------------------------------------
@@ -132,6 +200,9 @@ class StreamService:
         row = await self.store(Store.task, task_id, principal.project_id)
         if row is None or row.kind != "stream":
             raise NotFound(f"stream task {task_id} not found")
+        end = self._ended.get(task_id)
+        if end is not None and row.state != "stopped":
+            row.state, row.final_status, row.final_message = "stopped", end.status, end.message
         return row
 
     def playlist_url(self, task_id: str) -> str:
@@ -139,118 +210,229 @@ class StreamService:
 
     # --- start / stop -----------------------------------------------------------
 
-    async def start(self, principal: Principal, req: StreamRequest) -> TaskRow:
-        validate_stream_request(req)
+    def _admit(self) -> None:
+        """Take a capacity slot, synchronously: no await between the check and
+        the taking, so concurrent starts can never overshoot `max_tasks`."""
         if self.draining:
             raise Unavailable("this node is draining and accepts no new tasks")
-        if len(self.tasks) >= self.settings.limits.max_tasks:
-            raise CapacityReached(f"this node runs its maximum of {self.settings.limits.max_tasks} tasks",
-                                  details={"max_tasks": self.settings.limits.max_tasks})
-        balance = await self.store(Store.balance, principal.key_id)
-        if balance is not None and balance <= 0:
-            raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
-        await check_source_url(req.url, self.settings.sources)
-        if req.callback_url:
-            await validate_callback_url(req.callback_url, "callback_url", self.settings.delivery)
-        # A recording is a file job; each hop the probe follows obeys the address rules.
-        await check_live_source(req.url, self.settings.live.open_timeout,
-                                check_hop=lambda url: check_source_url(url, self.settings.sources))
-        row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id, kind="stream",
-                      url=req.url, params=msgspec.to_builtins(req), state="starting", created_at=time.time())
-        await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
-        self.delivery.wake()
-        self._launch(row, req)
+        limit = self.settings.limits.max_tasks
+        if len(self.tasks) + self._admitting >= limit:
+            raise CapacityReached(f"this node runs its maximum of {limit} tasks", details={"max_tasks": limit})
+        self._admitting += 1
+
+    async def start(self, principal: Principal, req: StreamRequest) -> TaskRow:
+        """All or nothing: every check and everything that can fail (the media
+        dir, the pipeline) comes before the task and its `stream.started` event
+        are stored; a failed start stores nothing and frees its slot."""
+        validate_stream_request(req)
+        self._admit()
+        try:
+            balance = await self.store(Store.balance, principal.key_id)
+            if balance is not None and balance <= 0:
+                raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
+            await check_source_url(req.url, self.settings.sources)
+            if req.callback_url:
+                await validate_callback_url(req.callback_url, "callback_url", self.settings.delivery)
+            # A recording is a file job; each hop the probe follows obeys the address rules.
+            await check_live_source(req.url, self.settings.live.open_timeout,
+                                    check_hop=lambda url: check_source_url(url, self.settings.sources))
+            row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id,
+                          kind="stream", url=req.url, params=msgspec.to_builtins(req), state="starting",
+                          created_at=time.time())
+            try:
+                prepared = self._prepare(row, req)
+            except OSError as exc:
+                log.error("task %s not started: its media dir is not writable: %s", row.id, exc)
+                raise Unavailable(f"this node cannot write media: {exc.strerror or exc}") from None
+        except BaseException:
+            self._admitting -= 1
+            raise
+        # Once the row may be written the start completes even if the caller
+        # goes away (a stored task must run, never linger as a ghost).
+        commit = asyncio.create_task(self._commit(prepared), name=f"start-{row.id}")
+        self._pending.add(commit)
+        commit.add_done_callback(self._pending.discard)
+        await asyncio.shield(commit)
         return row
 
-    def _launch(self, row: TaskRow, req: StreamRequest) -> None:
+    async def _commit(self, prepared: PreparedTask) -> None:
+        """Store the task and its `stream.started` event, then run it; the slot
+        taken by `_admit` passes to the running task (or is freed)."""
+        row = prepared.row
+        try:
+            await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
+        except BaseException:
+            shutil.rmtree(self.media_root / row.id, ignore_errors=True)
+            raise
+        finally:
+            self._admitting -= 1
+        self._run(prepared)  # no await since the slot was released: it is taken again here
+        self.delivery.wake()
+
+    def _prepare(self, row: TaskRow, req: StreamRequest) -> PreparedTask:
+        """The parts of a task that can fail before it runs (its media dir must be writable)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ClosedSegment | None] = asyncio.Queue()
+        queue = SegmentQueue(loop)
         analyzer = self.analyzer if req.enable_content_moderation else None
         opts = PipelineOptions(segment_seconds=req.segment_seconds, fps=req.fps, threshold=req.threshold,
                                moderate=req.enable_content_moderation)
         task_dir = self.media_root / row.id
+        supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
 
         def emit(closed: ClosedSegment) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, closed)
-            self.metrics.record_queue_depth.inc()
+            t0 = time.monotonic()
+            if queue.put(closed, lambda: supervisor[0].abandoning):
+                self.metrics.record_queue_depth.inc()
+            supervisor[0].handed_off(time.monotonic() - t0)
 
-        pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=row.next_seq,
-                                   timeline_start=Fraction(row.timeline_end).limit_denominator(90000))
+        def make_pipeline(next_index: int, timeline_start: Fraction) -> SegmentPipeline:
+            pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=next_index,
+                                       timeline_start=timeline_start)
+            probe = task_dir / ".writable"  # fail now, not at the first segment
+            probe.write_bytes(b"")
+            probe.unlink()
+            return pipeline
+
+        pipeline = make_pipeline(row.next_seq, Fraction(row.timeline_end).limit_denominator(90000))
+        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, supervisor)
+
+    def _run(self, prepared: PreparedTask) -> None:
+        """Start a prepared task's ingest thread and record consumer."""
+        loop = asyncio.get_running_loop()
+        row, queue = prepared.row, prepared.queue
         p = self.settings.pipeline
         supervisor = LiveSupervisor(
-            row.id, row.url, pipeline, SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads),
+            row.id, row.url, prepared.pipeline, SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads),
             self.settings.live,
             on_restart=lambda reason, msg: loop.call_soon_threadsafe(self._on_restart, row.id, reason),
             on_connected=lambda: loop.call_soon_threadsafe(self._on_connected, row.id),
+            rebuild=prepared.make_pipeline,
+            on_failure=lambda failure: loop.call_soon_threadsafe(self._on_failure, failure),
             admit=source_admission(self.settings.sources),
         )
+        prepared.supervisor.append(supervisor)
         done: asyncio.Future[TaskEnd] = loop.create_future()
-        task = RunningTask(row, supervisor, queue, done, next_seq=row.next_seq)
+        task = RunningTask(row, supervisor, queue, done, next_seq=row.next_seq,
+                           timeline_end=prepared.pipeline.timeline_end)
         self.tasks[row.id] = task
         self.metrics.active_tasks.inc()
 
+        def finish(end: TaskEnd) -> None:
+            if not done.done():
+                done.set_result(end)
+
         def run() -> None:
+            self.metrics.ingest_threads.inc()
             try:
                 end = supervisor.run()
-            except Exception as exc:  # a bug ends this task, never the node
+            except Exception as exc:  # a bug ends this task, never the node; -1 never ends a task
                 log.exception("task %s: supervisor failed", row.id)
-                end = TaskEnd(STATUS_ERROR, f"internal error: {exc!r}")
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(end))
+                end = TaskEnd(STATUS_CAPACITY, f"internal error: {exc!r}")
+            finally:
+                self.metrics.ingest_threads.dec()
+            queue.close()
+            try:
+                loop.call_soon_threadsafe(finish, end)
+            except RuntimeError:  # the loop is closed: the process is exiting
+                pass
 
-        threading.Thread(target=run, name=f"ingest-{row.id}", daemon=True).start()
-        assembler = RecordAssembler(row.id, opts, analyzer, MediaLocator(task_dir, f"{self.public_url}/media/{row.id}"))
+        assembler = RecordAssembler(row.id, prepared.opts, prepared.analyzer,
+                                    MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}"))
         task.consumer = asyncio.create_task(self._consume(task, assembler), name=f"records-{row.id}")
+        try:
+            threading.Thread(target=run, name=f"ingest-{row.id}", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: the task ends at once, defined
+            log.error("task %s: cannot start its ingest thread: %s", row.id, exc)
+            queue.close()
+            finish(TaskEnd(STATUS_CAPACITY, f"capacity reached: cannot start an ingest thread ({exc})"))
 
-    def _background(self, coro: Any) -> None:
-        """Fire-and-forget store updates, held so they are not garbage-collected mid-flight."""
+    def _background(self, coro: Any, what: str) -> None:
+        """Fire-and-forget store updates, held so they are not garbage-collected
+        mid-flight; a failure is logged (the counter it updates is advisory)."""
         task = asyncio.create_task(coro)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+
+        def done(t: asyncio.Task) -> None:
+            self._pending.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("%s failed: %s", what, t.exception())
+
+        task.add_done_callback(done)
 
     def _on_connected(self, task_id: str) -> None:
         if task_id in self.tasks:
-            self._background(self.store(Store.set_task_state, task_id, "running"))
+            self._background(self.store(Store.set_task_state, task_id, "running"), f"task {task_id}: state")
 
     def _on_restart(self, task_id: str, reason: str) -> None:
         self.metrics.reconnects.labels(reason).inc()
-        self._background(self.store(Store.add_reconnect, task_id))
+        self._background(self.store(Store.add_reconnect, task_id), f"task {task_id}: reconnect count")
+
+    def _on_failure(self, failure: Failure) -> None:
+        self.metrics.task_failures.labels(failure.reason).inc()
 
     async def stop(self, principal: Principal, task_id: str) -> TaskRow:
         row = await self.get(principal, task_id)
         task = self.tasks.get(task_id)
         if task is not None:
             task.supervisor.request_stop(StopMode.NOW, STATUS_USER_STOPPED, "stopped by user")
-            await asyncio.shield(task.consumer)  # type: ignore[arg-type]
+            assert task.consumer is not None
+            # Bounded: a store that is failing must not hold the caller; the stop stands.
+            await asyncio.wait([task.consumer], timeout=STOP_WAIT_SECONDS)
             row = await self.get(principal, task_id)
         return row
 
     # --- the record flow ----------------------------------------------------------
 
     async def _consume(self, task: RunningTask, assembler: RecordAssembler) -> None:
+        """Never dies: a failure here is reported to the supervisor, which
+        restarts the pipeline from the last stored segment or ends the task."""
         row = task.row
         while (closed := await task.queue.get()) is not None:
             self.metrics.record_queue_depth.dec()
             self.metrics.frames_decoded.inc(closed.frames_decoded)
             self.metrics.frames_sampled.inc(len(closed.frames))
-            if task.discard:  # cut before the stop took effect: not paid, not sent
+            # Cut before the stop took effect (not paid, not sent), or by a
+            # pipeline that is being restarted from an earlier segment.
+            if task.discard or closed.segment.index != task.next_seq:
                 for _, fut in closed.frames:
                     fut.cancel()
                 continue
-            record = await assembler.build(closed)
-            if task.discard:  # the task ended at once while this segment was analysed
-                continue
-            await self._store_segment(task, closed, record)
+            try:
+                record = await assembler.build(closed)
+                if task.discard:  # the task ended at once while this segment was analysed
+                    continue
+                await self._store_segment(task, closed, record)
+            except Exception as exc:
+                failure = describe_failure(exc)
+                log.error("task %s: segment %d not stored: %s", row.id, closed.segment.index, failure.message,
+                          exc_info=failure.reason == "internal")
+                task.supervisor.fail(Failure(failure.reason, failure.message,
+                                             resume_at=(task.next_seq, task.timeline_end)))
         end: TaskEnd = await task.done
-        await self._store_end(row, task.next_seq, end)
-        self.metrics.segments.labels(str(end.status)).inc()
-        self.metrics.tasks_ended.labels(str(end.status)).inc()
-        self.metrics.active_tasks.dec()
+        # The slot and the running-task entry go now, stored or not: the node
+        # must not keep a dead task. GET shows the end until it is stored.
+        self._ended[row.id] = end
         self.tasks.pop(row.id, None)
+        self.metrics.active_tasks.dec()
+        self.metrics.tasks_ended.labels(str(end.status)).inc()
         log.info("task %s ended: %s %s", row.id, end.status, end.message)
+        await self._store_end(row, task.next_seq, end)
 
     async def _store_end(self, row: TaskRow, seq: int, end: TaskEnd) -> None:
-        await self.store(store_end, row, seq, end)
+        """The terminal record, retried until the store takes it (a failing
+        store must not lose how the task ended); GET shows `_ended` meanwhile."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store(store_end, row, seq, end)
+                break
+            except Exception as exc:
+                log.error("task %s: terminal record not stored (%s); retrying in %.1f s", row.id, exc, delay)
+                self.metrics.task_failures.labels(describe_failure(exc).reason).inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self._ended.pop(row.id, None)
+        self.metrics.segments.labels(str(end.status)).inc()
         self.delivery.wake()
 
     async def _store_segment(self, task: RunningTask, closed: ClosedSegment, record: SegmentRecord) -> None:
@@ -267,7 +449,11 @@ class StreamService:
             self._end_now(task, STATUS_NO_BALANCE,
                           f"insufficient balance to pay segment {closed.segment.index} ({cost} tokens)")
             return
+        except KeyRevoked:
+            self._end_now(task, STATUS_USER_STOPPED, "API key revoked")
+            return
         task.next_seq = closed.segment.index + 1
+        task.timeline_end = closed.segment.end
         self.delivery.wake()
         self.metrics.segments.labels(str(body.status)).inc()
         self.metrics.segment_latency.observe(time.monotonic() - closed.closed_at)
@@ -277,10 +463,31 @@ class StreamService:
         task.supervisor.request_stop(StopMode.NOW, status, message)
         task.supervisor.pipeline.cancel_frames()
 
-    # --- capacity: shedding and draining ----------------------------------------------
+    # --- capacity: shedding, revocation and draining -------------------------------------
 
     def start_shedder(self) -> None:
-        self._shedder = asyncio.create_task(self._shed_loop(), name="shedder")
+        """The node's watch loops: load shedding and revoked keys."""
+        self._loops = [asyncio.create_task(self._shed_loop(), name="shedder"),
+                       asyncio.create_task(self._revocation_loop(), name="revocations")]
+
+    async def _revocation_loop(self, interval: float = REVOCATION_CHECK_SECONDS) -> None:
+        """Keys are revoked by another process (`streamguard keys revoke` on
+        the same store): a running task of a revoked key ends with 14 within
+        `interval` seconds, or at its next record, whichever comes first."""
+        while True:
+            await asyncio.sleep(interval)
+            running = [t for t in self.tasks.values() if not t.supervisor.stopping]
+            if not running:
+                continue
+            try:
+                revoked = await self.store(Store.revoked_keys, sorted({t.row.key_id for t in running}))
+            except Exception as exc:  # the store is failing; the record transactions check as well
+                log.warning("revocation check failed: %s", exc)
+                continue
+            for task in running:
+                if task.row.key_id in revoked:
+                    log.warning("task %s: API key revoked; ending the task", task.row.id)
+                    self._end_now(task, STATUS_USER_STOPPED, "API key revoked")
 
     async def _shed_loop(self, interval: float = 1.0, cooldown: float = 3.0) -> None:
         """Shed the newest task while inference is more than the allowed
@@ -309,8 +516,8 @@ class StreamService:
     async def drain(self) -> None:
         """SIGTERM: no new tasks; each running task ends with 16 after its in-flight segment."""
         self.draining = True
-        if self._shedder is not None:
-            self._shedder.cancel()
+        for loop_task in self._loops:
+            loop_task.cancel()
         for task in list(self.tasks.values()):
             task.supervisor.request_stop(StopMode.AFTER_SEGMENT, STATUS_CAPACITY, "node draining")
             self.metrics.tasks_shed.labels("drain").inc()
@@ -325,10 +532,23 @@ class StreamService:
 
     async def resume_orphans(self) -> int:
         """Tasks a previous process left running (it crashed or was killed)
-        carry on: same task, next segment_index, continuous timeline."""
+        carry on: same task, next segment_index, continuous timeline. They hold
+        capacity slots like any task; one that cannot be prepared (its media
+        dir is not writable) ends with 16 naming why."""
         rows = await self.store(Store.tasks_in_state, "starting", "running")
         for row in rows:
             req = msgspec.convert(row.params, StreamRequest)
             log.warning("resuming task %s at segment %d (%.3f s)", row.id, row.next_seq, row.timeline_end)
-            self._launch(row, req)
+            try:
+                prepared = self._prepare(row, req)
+            except Exception as exc:
+                failure = describe_failure(exc)
+                log.error("task %s: cannot resume: %s", row.id, failure.message)
+                self.metrics.task_failures.labels(failure.reason).inc()
+                end = TaskEnd(STATUS_CAPACITY, f"cannot resume: {failure.message}")
+                self._ended[row.id] = end
+                # In the background: a store that cannot take it yet must not hold the daemon's start.
+                self._background(self._store_end(row, row.next_seq, end), f"task {row.id}: terminal record")
+                continue
+            self._run(prepared)
         return len(rows)

@@ -188,16 +188,15 @@ def assert_moderation(data: dict) -> dict:
     return cm
 
 
-def assert_tokens(record: dict, *, may_carry_text: bool) -> int:
-    """video_tokens = sampled frames x 50; input = total = video + text; output 0."""
+def assert_tokens(record: dict) -> int:
+    """video_tokens = sampled frames x 50; input = total = video + text; output 0; no
+    text: the node's shared prompt embeddings are charged to no tenant (issue 8 item 7)."""
     tok = record["data"]["token"]
     frames = record["data"]["data"]["content_moderation"]["frames_processed"]
     assert tok["video_tokens"] == frames * TOKENS_PER_IMAGE, (tok, frames)
     assert tok["output"] == 0, tok
     assert tok["input"] == tok["total"] == tok["video_tokens"] + tok["text_tokens"], tok
-    assert tok["text_tokens"] >= 0, tok
-    if not may_carry_text:  # prompt embeddings are encoded once, then cached
-        assert tok["text_tokens"] == 0, tok
+    assert tok["text_tokens"] == 0, tok
     return tok["total"]
 
 
@@ -284,7 +283,7 @@ def test_rtmp_records_flag_red_then_stop_closes_playlist(daemon: Daemon, publish
     assert {d["segment_index"] for d in flagged} - in_runs <= edges, flags
 
     # Tokens: the prompt tokens (text) may only ride on the first record (then cached).
-    totals = [assert_tokens(r, may_carry_text=(i == 0)) for i, r in enumerate(segs)]
+    totals = [assert_tokens(r) for r in segs]
 
     view = task_view(daemon, task_id, key)
     assert view["state"] == "stopped" and view["status"] == 14 and view["message"], view
@@ -459,8 +458,8 @@ def test_rtsp_over_tcp_with_moderation(daemon: Daemon) -> None:
     # 4 red seconds in every 8: at least one of the first 8 s of segments is flagged
     assert any(cm["has_unsafe_content"] for cm in cms), cms
     assert not all(cm["has_unsafe_content"] for cm in cms), cms
-    for i, r in enumerate(records[:-1]):
-        assert_tokens(r, may_carry_text=(i == 0))
+    for r in records[:-1]:
+        assert_tokens(r)
     pl = get(daemon, f"/media/{task_id}/source/playlist.m3u8")
     assert pl.status == 200 and pl.body.decode().rstrip().endswith("#EXT-X-ENDLIST")
 
@@ -478,8 +477,8 @@ def test_hls_source(daemon: Daemon, live_video: Path) -> None:
     assert_tiling(datas)
     for d in datas:
         assert_moderation(d)
-    for i, r in enumerate(records[:-1]):
-        assert_tokens(r, may_carry_text=(i == 0))
+    for r in records[:-1]:
+        assert_tokens(r)
     pl = get(daemon, f"/media/{task_id}/source/playlist.m3u8")
     assert pl.status == 200 and pl.body.decode().rstrip().endswith("#EXT-X-ENDLIST")
 
@@ -490,9 +489,8 @@ def test_hls_source(daemon: Daemon, live_video: Path) -> None:
 def test_balance_runs_out_mid_run_ends_with_402(tmp_path: Path, test_bundle: Path, publisher) -> None:
     pub, url = publisher
     data_dir = tmp_path / "data"
-    # A first start encodes and caches the prompt embeddings, so the text tokens of this
-    # test's records are known up front (read back from the records all the same).
-    Daemon(data_dir, test_bundle, ENV).start().kill()
+    # A fresh data dir: the daemon encodes the prompt embeddings at start, for its cache.
+    # That is the node's own work: no segment, the first included, pays for it (item 7).
     per_segment = SEG * FPS_SAMPLE * TOKENS_PER_IMAGE  # 100 tokens for a whole 2 s segment
     balance = 3 * per_segment + per_segment // 2  # three segments, then short
     with Daemon(data_dir, test_bundle, ENV) as d:
@@ -508,13 +506,12 @@ def test_balance_runs_out_mid_run_ends_with_402(tmp_path: Path, test_bundle: Pat
     assert paid, "no segment was paid before the balance ran out"
     datas = [assert_segment_record(r, task_id) for r in paid]
     assert_tiling(datas)
-    totals = [assert_tokens(r, may_carry_text=(i == 0)) for i, r in enumerate(paid)]
-    text = sum(r["data"]["token"]["text_tokens"] for r in paid)
+    totals = [assert_tokens(r) for r in paid]  # text_tokens 0 from the first segment on
     charged = sum(totals)
     assert charged <= balance, (charged, balance)
     # it stopped because the next whole segment could not be paid, not earlier
     assert balance - charged < per_segment, (balance, charged, totals)
-    assert len(paid) == (balance - text) // per_segment, (len(paid), totals, text)
+    assert len(paid) == balance // per_segment, (len(paid), totals)
     assert view["counters"]["tokens"] == charged and view["counters"]["segments"] == len(paid), view
     assert remaining.returncode == 0, remaining.stderr
     assert int(remaining.stdout.strip().splitlines()[-1]) == balance - charged, remaining.stdout

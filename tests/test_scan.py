@@ -65,12 +65,9 @@ def test_red_seconds_flag_exactly_their_segments(cli, red_video, test_bundle, tm
         assert tok["output"] == 0
         assert d["video_url"].endswith(f"/source/segment_{d['segment_index']:03d}.ts")
         assert int(d["processing_time_ms"]) >= 0
-    # the first run encodes the prompts once; later segments and runs use the cache
-    assert records[0]["data"]["token"]["text_tokens"] > 0
-    assert all(r["data"]["token"]["text_tokens"] == 0 for r in records[1:])
-    again = cli("scan", red_video, "--moderate", "--model", test_bundle, "--out", tmp_path / "2",
-                "--data-dir", tmp_path)
-    assert again.records[0]["data"]["token"]["text_tokens"] == 0
+    # the shared prompt embeddings (encoded by this first run, for the cache) are the
+    # tool's own work, charged to no segment: no input's request carries its own text
+    assert all(r["data"]["token"]["text_tokens"] == 0 for r in records)
 
 
 def test_hls_output_plays_with_the_input_duration(cli, red_video, tmp_path):

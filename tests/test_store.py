@@ -1,13 +1,14 @@
 """The SQLite store: migrations, keys, atomic charging, outbox order, retention."""
 
+import asyncio
 import sqlite3
 import time
 
 import pytest
 
-from streamguard.store import Store
+from streamguard.store import AsyncStore, Store
 from streamguard.store.migrations import MIGRATIONS
-from streamguard.store.sqlite import InsufficientBalance, OutboxItem, TaskRow, hash_key
+from streamguard.store.sqlite import InsufficientBalance, KeyRevoked, OutboxItem, TaskRow, hash_key
 
 
 @pytest.fixture
@@ -78,3 +79,45 @@ def test_retention_purges_old_records_and_settled_deliveries(store):
     assert store.purge(time.time() - 3 * 86400) == 1
     assert [seq for seq, _ in store.records(row.id, -1, 10)] == [1]
     assert store.outbox_stats()[0] == 1  # the old one was still pending: kept
+
+
+def test_a_revoked_key_pays_for_no_record_but_its_terminal_record_is_stored(store, tmp_path):
+    key, info = store.create_key("acme", 1000)
+    row = task(store, info.id, info.project_id)
+    store.append_record(row.id, info.id, 0, 0, b"{}", cost=10)
+    other = Store(tmp_path / "sg.db")  # `streamguard keys revoke`: another connection, another process
+    assert other.revoke_key(key)
+    assert other.revoked_keys([info.id, "key_unknown"]) == {info.id, "key_unknown"}
+    other.close()
+    with pytest.raises(KeyRevoked):
+        store.append_record(row.id, info.id, 1, 0, b"{}", cost=10)
+    store.append_record(row.id, info.id, 1, 14, b"{}", final_state=(14, "API key revoked"))
+    assert [seq for seq, _ in store.records(row.id, -1, 10)] == [0, 1]
+    assert store.balance(info.id) == 990 and store.task(row.id).state == "stopped"
+
+
+def test_reads_answer_while_a_write_waits_on_a_lock(tmp_path):
+    """Status reads run on their own connection: a write stuck on another process's
+    lock (up to the busy timeout) does not hold them up."""
+    async def scenario() -> float:
+        s = AsyncStore(Store(tmp_path / "sg.db"))
+        key, info = await s(Store.create_key, "acme", None)
+        row = TaskRow(id="tsk_1", project_id=info.project_id, key_id=info.id, kind="stream", url="rtmp://x",
+                      params={}, state="running", created_at=time.time())
+        await s(Store.create_task, row)
+        lock = sqlite3.connect(tmp_path / "sg.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        write = asyncio.create_task(s(Store.add_reconnect, "tsk_1"))  # waits for the lock
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        assert (await s(Store.task, "tsk_1")).state == "running"
+        assert await s(Store.authenticate, key) is not None
+        took = time.monotonic() - t0
+        lock.execute("ROLLBACK")
+        lock.close()
+        await write
+        assert (await s(Store.task, "tsk_1")).reconnects == 1
+        s.close()
+        return took
+
+    assert asyncio.run(scenario()) < 1.0

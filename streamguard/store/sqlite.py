@@ -1,8 +1,11 @@
 """The embedded store: SQLite in WAL mode.
 
-All access goes through one connection owned by one thread; `AsyncStore`
-runs every call there, so the event loop never blocks on disk and writes are
-serialised without lock contention. Money-like updates (token balances) and
+Writes go through one connection owned by one thread; `AsyncStore` runs every
+call there, so the event loop never blocks on disk and writes are serialised
+without lock contention. Reads marked `@reads` run on a second connection and
+thread: WAL readers never wait for a writer, so status queries keep answering
+while a write waits on a lock (`database is locked`, another process holding
+the database). Money-like updates (token balances) and
 the records they pay for change in one transaction.
 """
 
@@ -111,6 +114,16 @@ class InsufficientBalance(Exception):
     pass
 
 
+class KeyRevoked(Exception):
+    """The key was revoked (possibly by another process: `streamguard keys revoke`)."""
+
+
+def reads(fn: Callable[..., T]) -> Callable[..., T]:
+    """Marks a Store method that only reads: AsyncStore runs it on the reader connection."""
+    fn.__streamguard_reads__ = True  # type: ignore[attr-defined]
+    return fn
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     """One event for one destination, written with the data it reports."""
@@ -204,6 +217,7 @@ class Store:
             return self.project(pid)
         return self._project(row)
 
+    @reads
     def project(self, project_id: str) -> Project | None:
         return self._project(self.db.execute(self._PROJECT + "id = ?", (project_id,)).fetchone())
 
@@ -257,10 +271,26 @@ class Store:
         self.db.execute("UPDATE api_keys SET balance = ? WHERE id = ?", (balance, row[0]))
         return self.key_info(row[0])
 
+    @reads
     def authenticate(self, key: str) -> Principal | None:
         row = self.db.execute("SELECT id, project_id, balance FROM api_keys "
                               "WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),)).fetchone()
         return None if row is None else Principal(row[0], row[1], row[2])
+
+    @reads
+    def _revoked(self, key_id: str) -> bool:
+        row = self.db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return row is None or row[0] is not None
+
+    @reads
+    def revoked_keys(self, key_ids: list[str]) -> set[str]:
+        """Those of these keys that were revoked (or no longer exist)."""
+        if not key_ids:
+            return set()
+        marks = ", ".join("?" * len(key_ids))
+        live = {r[0] for r in self.db.execute(
+            f"SELECT id FROM api_keys WHERE id IN ({marks}) AND revoked_at IS NULL", key_ids)}
+        return set(key_ids) - live
 
     def balance(self, key_id: str) -> int | None:
         row = self.db.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
@@ -280,6 +310,7 @@ class Store:
             task.reconnects, task.next_seq, task.timeline_end, task.created_at, task.started_at,
             task.stopped_at))
 
+    @reads
     def task(self, task_id: str, project_id: str | None = None) -> TaskRow | None:
         sql = f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?"
         args: tuple = (task_id,)
@@ -289,6 +320,7 @@ class Store:
         row = self.db.execute(sql, args).fetchone()
         return None if row is None else _task(row)
 
+    @reads
     def list_tasks(self, project_id: str, kind: str, state: str | None, page: int,
                    page_size: int) -> tuple[list[TaskRow], int]:
         where, args = "project_id = ? AND kind = ?", [project_id, kind]
@@ -327,8 +359,11 @@ class Store:
                       outbox: list[OutboxItem] = (), final_state: tuple[int, str] | None = None) -> None:  # type: ignore[assignment]
         """Store one record, charge its cost to the key and queue its deliveries,
         atomically (a terminal record also closes the task: `final_state`).
-        Raises InsufficientBalance (and stores nothing) when the key cannot pay."""
+        Raises InsufficientBalance or KeyRevoked (and stores nothing) when the
+        key cannot pay or was revoked."""
         with self._tx():
+            if final_state is None and self._revoked(key_id):  # a terminal record is stored all the same
+                raise KeyRevoked(key_id)
             if cost:
                 cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
                                       "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
@@ -387,6 +422,7 @@ class Store:
             "next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
             (error, status_code, next_attempt_at, next_attempt_at, delivery_id))
 
+    @reads
     def deliveries(self, project_id: str, status: str | None, page: int,
                    page_size: int) -> tuple[list[DeliveryRow], int]:
         where, args = "project_id = ?", [project_id]
@@ -398,6 +434,7 @@ class Store:
                                "LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
         return [DeliveryRow(*r) for r in rows], total
 
+    @reads
     def delivery(self, delivery_id: str, project_id: str) -> DeliveryRow | None:
         row = self.db.execute(f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE id = ? AND project_id = ?",
                               (delivery_id, project_id)).fetchone()
@@ -414,6 +451,7 @@ class Store:
         """Pending deliveries and the creation time of the oldest."""
         return self.db.execute("SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'").fetchone()
 
+    @reads
     def records(self, task_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         return self.db.execute("SELECT seq, body FROM records WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                                (task_id, after, limit)).fetchall()
@@ -439,16 +477,29 @@ class _Transaction:
 
 
 class AsyncStore:
-    """Runs every Store call on the store's own thread."""
+    """Runs every Store call on the store's own thread; `@reads` methods on a
+    reader connection with its own thread."""
 
     def __init__(self, store: Store) -> None:
         self.sync = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._reader: Store | None = None
+        self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
+
+    def _open_reader(self) -> Store:
+        if self._reader is None:
+            self._reader = Store(self.sync.path)
+        return self._reader
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        if getattr(fn, "__streamguard_reads__", False):
+            return await loop.run_in_executor(self._read_pool, lambda: fn(self._open_reader(), *args, **kwargs))
         return await loop.run_in_executor(self._pool, lambda: fn(self.sync, *args, **kwargs))
 
     def close(self) -> None:
+        self._read_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
         self.sync.close()
