@@ -23,6 +23,8 @@ from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items, vali
 from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
 from .live import LiveSupervisor, TaskEnd
+from .media.hls import LiveMedia
+from .media.retention import DiskSpace
 from .media.source import SourceOptions
 from .metrics import Metrics
 from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
@@ -110,12 +112,18 @@ def task_event(name: str, row: TaskRow, data: dict[str, Any]) -> Event:
 
 
 class StreamService:
-    def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer, metrics: Metrics,
-                 public_url: str, delivery: DeliveryWorker) -> None:
+    def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
+                 public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
+                 model_error: str | None = None) -> None:
         self.settings = settings
         self.store = store
         self.delivery = delivery
         self.analyzer = analyzer
+        self.model_error = model_error  # why analyzer is None
+        self.disk = disk or DiskSpace(settings.data_dir, settings.storage.min_free_bytes)
+        self.live_media = LiveMedia(window_seconds=settings.live.playlist_window_seconds,
+                                    max_age_seconds=settings.storage.media_retention_hours * 3600,
+                                    may_write=self.disk.ok)
         self.metrics = metrics
         self.media_root = settings.data_dir / "media"
         self.public_url = public_url.rstrip("/")
@@ -141,6 +149,7 @@ class StreamService:
         validate_stream_request(req)
         if self.draining:
             raise Unavailable("this node is draining and accepts no new tasks")
+        self.check_admission(req.enable_content_moderation)
         if len(self.tasks) >= self.settings.limits.max_tasks:
             raise CapacityReached(f"this node runs its maximum of {self.settings.limits.max_tasks} tasks",
                                   details={"max_tasks": self.settings.limits.max_tasks})
@@ -156,6 +165,18 @@ class StreamService:
         self._launch(row, req)
         return row
 
+    def check_admission(self, needs_model: bool) -> None:
+        """503 for what this node cannot take now: disk below the floor, or
+        moderation without a loaded model."""
+        low = self.disk.reason()
+        if low is not None:
+            raise Unavailable(f"not accepting new tasks: {low}",
+                              details={"reason": "low_disk", "free_bytes": self.disk.free_bytes(),
+                                       "min_free_bytes": self.disk.min_free_bytes})
+        if needs_model and self.analyzer is None:
+            raise Unavailable(f"moderation is unavailable on this node: {self.model_error}",
+                              details={"reason": "model_not_loaded"})
+
     def _launch(self, row: TaskRow, req: StreamRequest) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[ClosedSegment | None] = asyncio.Queue()
@@ -169,7 +190,8 @@ class StreamService:
             self.metrics.record_queue_depth.inc()
 
         pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=row.next_seq,
-                                   timeline_start=Fraction(row.timeline_end).limit_denominator(90000))
+                                   timeline_start=Fraction(row.timeline_end).limit_denominator(90000),
+                                   live=self.live_media)
         p = self.settings.pipeline
         supervisor = LiveSupervisor(
             row.id, row.url, pipeline, SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads),
@@ -281,7 +303,7 @@ class StreamService:
         remaining tasks time to work their backlog off."""
         limit = self.settings.limits.max_backlog_seconds
         previous, last_shed = 0.0, float("-inf")
-        while True:
+        while self.analyzer is not None:  # without a model there is no inference to fall behind
             await asyncio.sleep(interval)
             self.metrics.queue_depth.set(self.analyzer.batcher.depth())
             lag = self.analyzer.batcher.oldest_wait()
@@ -322,6 +344,11 @@ class StreamService:
         rows = await self.store(Store.tasks_in_state, "starting", "running")
         for row in rows:
             req = msgspec.convert(row.params, StreamRequest)
+            if req.enable_content_moderation and self.analyzer is None:
+                # never run a moderation task unmoderated: it ends, saying why
+                await self._store_end(row, row.next_seq, TaskEnd(
+                    STATUS_CAPACITY, f"node cannot moderate: {self.model_error}"))
+                continue
             log.warning("resuming task %s at segment %d (%.3f s)", row.id, row.next_seq, row.timeline_end)
             self._launch(row, req)
         return len(rows)
