@@ -302,14 +302,25 @@ def test_broken_model_bundle_serves_and_readyz_names_the_reason(tmp_path: Path, 
     shutil.copytree(test_bundle, broken)
     for onnx in broken.glob("*.onnx"):
         onnx.write_bytes(b"not an onnx model")
+    # A moderation task left running by a process that died...
+    good = Daemon(tmp_path / "d", test_bundle, {"STREAMGUARD_LIVE__NO_DATA_TIMEOUT": "600"})
+    with good:
+        key = good.create_key("nomodel")
+        orphan = good.call("POST", "/v1/streams", {"url": f"rtmp://127.0.0.1:{ls.closed_port()}/live/x",
+                                                    "enable_content_moderation": True}, key=key)
+        assert orphan.status == 200, orphan.body
+        orphan_id = orphan.body["data"]["task_id"]
+    # ...and a restart whose model bundle is broken.
     d = Daemon(tmp_path / "d", broken, {"STREAMGUARD_LIVE__NO_DATA_TIMEOUT": "3"})
     try:
         d.start(until="/healthz")
+        view = d.call("GET", f"/v1/streams/{orphan_id}", key=key).data
+        assert view["state"] == "stopped" and view["status"] == 16, view
+        assert "node cannot moderate" in view["message"] and "failed to load" in view["message"]
         ready = d.call("GET", "/readyz")
         assert ready.status == 503, ready.body
         assert ready.error["details"]["checks"]["model_loaded"] is False
         assert "failed to load" in ready.error["message"] and str(broken) in ready.error["message"]
-        key = d.create_key("nomodel")
         reply = d.call("POST", "/v1/streams", {"url": "rtmp://127.0.0.1:1/live/x",
                                                 "enable_content_moderation": True}, key=key)
         assert reply.status == 503 and reply.error["code"] == "STREAMGUARD_UNAVAILABLE", reply.body
