@@ -112,6 +112,13 @@ def test_window_slides_with_media_and_discontinuity_sequences(tmp_path: Path, go
     assert ts_files(task) == {segment_name(i) for i in range(12, 24)}
     assert abs(ffprobe_duration(str(task / "source" / "playlist.m3u8")) - 12) < 0.5
 
+    # The next sweep starts where the last one stopped and takes what slid out since.
+    retention = MediaRetention(tmp_path, 1.0, DiskSpace(tmp_path, 0))
+    assert retention.sweep(running={task.name}).files_deleted == 0  # nothing new slid out
+    run_connections(pipe, gop1_video, 1)  # 24..31; listed 20..31
+    assert retention.sweep(running={task.name}).files_deleted == 8  # 12..19 slid out (and are old)
+    assert ts_files(task) == {segment_name(i) for i in range(20, 32)}
+
 
 def test_resume_reads_the_windowed_playlist(tmp_path: Path, gop1_video: Path) -> None:
     task = tmp_path / "tsk_resume"

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .hls import segment_name
+
 log = logging.getLogger(__name__)
 
 PLAYLIST = "playlist.m3u8"
@@ -94,12 +96,24 @@ class SweepResult:
     evicted: list[str] = field(default_factory=list)  # stopped tasks evicted early for space
 
 
-def listed_segments(playlist: Path) -> set[str]:
+def segment_index(name: str) -> int | None:
+    """segment_NNN.ts -> NNN (any number of digits)."""
+    if name.startswith("segment_") and name.endswith(".ts") and name[8:-3].isdigit():
+        return int(name[8:-3])
+    return None
+
+
+def first_listed(playlist: Path) -> int | None:
+    """Index of the oldest segment a playlist lists (indices only grow down a
+    playlist), or None when it lists none."""
     try:
         text = playlist.read_text()
     except FileNotFoundError:
-        return set()
-    return {line for line in text.splitlines() if line and not line.startswith("#")}
+        return None
+    for line in text.splitlines():
+        if (index := segment_index(line)) is not None:
+            return index
+    return None
 
 
 def last_written(task_dir: Path) -> float:
@@ -130,6 +144,10 @@ class MediaRetention:
         self.media_root = Path(media_root)
         self.retention_seconds = retention_seconds
         self.disk = disk
+        # Per running rendition folder: the lowest segment index that may still
+        # exist, so a sweep looks only at what is new since the last one (a
+        # task with 72 h retention holds ~130k files at 2 s segments).
+        self._cursor: dict[Path, int] = {}
 
     def sweep(self, running: Iterable[str], now: float | None = None) -> SweepResult:
         """One pass over the media root. `running`: ids of the tasks whose
@@ -142,6 +160,7 @@ class MediaRetention:
         if not self.media_root.is_dir():
             return result
         ended: list[tuple[float, Path]] = []
+        self._cursor = {k: v for k, v in self._cursor.items() if k.parent.name in running}
         for task_dir in self.media_root.iterdir():
             if not task_dir.is_dir():
                 continue
@@ -161,27 +180,32 @@ class MediaRetention:
         return result
 
     def _trim(self, task_dir: Path, cutoff: float, result: SweepResult) -> None:
-        """A running task: delete old segment files its playlists no longer list.
-        The playlist is read after listing the files, and a file never comes
-        back into a playlist once it slid out, so nothing listed is deleted."""
+        """A running task: delete the segment files older than the cut-off
+        that come before the first one its playlist lists. The playlist is
+        read first and a window only slides forward, so nothing it lists, now
+        or later, is deleted."""
         for rendition in (d for d in task_dir.iterdir() if d.is_dir()):
-            old = []
-            for entry in os.scandir(rendition):
-                if entry.name.endswith(".ts") and entry.is_file() and entry.stat().st_mtime < cutoff:
-                    old.append(entry)
-            if not old:
-                continue
-            listed = listed_segments(rendition / PLAYLIST)
-            for entry in old:
-                if entry.name in listed:
-                    continue
-                size = entry.stat().st_size
+            first = first_listed(rendition / PLAYLIST)
+            if first is None:
+                continue  # nothing listed yet: nothing has slid out either
+            index = self._cursor.get(rendition)
+            if index is None:  # first sweep of this folder (e.g. after a restart): one full listing
+                found = [i for e in os.scandir(rendition) if (i := segment_index(e.name)) is not None]
+                index = min(found, default=first)
+            while index < first:
+                path = rendition / segment_name(index)
                 try:
-                    os.unlink(entry.path)
-                except FileNotFoundError:
+                    st = path.stat()
+                except FileNotFoundError:  # never written (disk below the floor) or already gone
+                    index += 1
                     continue
+                if st.st_mtime >= cutoff:
+                    break  # files are written in index order: the rest are younger
+                path.unlink(missing_ok=True)
                 result.files_deleted += 1
-                result.bytes_freed += size
+                result.bytes_freed += st.st_size
+                index += 1
+            self._cursor[rendition] = index
 
     def _remove(self, task_dir: Path, result: SweepResult) -> None:
         size = _tree_size(task_dir)
