@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import live_servers as ls  # noqa: E402
 from daemon import Daemon  # noqa: E402
+from test_hlsjs import chromium, hlsjs, play_in_hlsjs  # noqa: E402,F401  (fixtures and the player)
 from streamguard.media.hls import LiveMedia, SourceRendition, segment_name  # noqa: E402
 from streamguard.media.retention import DiskSpace, MediaRetention  # noqa: E402
 from streamguard.media.source import MediaSource, SourceOptions  # noqa: E402
@@ -340,3 +341,20 @@ def test_broken_model_bundle_serves_and_readyz_names_the_reason(tmp_path: Path, 
         assert len(lines) == 1 and "ERROR" in lines[0], d.logs()
     finally:
         d.kill()
+
+
+@pytest.mark.live
+def test_windowed_playlist_plays_in_hlsjs(tmp_path: Path, gop1_video: Path, hlsjs: Path, chromium: str) -> None:
+    """A slid window (MEDIA-SEQUENCE 12, DISCONTINUITY-SEQUENCE 1, a listed
+    discontinuity) plays in hls.js from its first listed segment to the end."""
+    task = tmp_path / "tsk_hlsjs"
+    pipe = make_pipeline(task, LiveMedia(window_seconds=12, max_age_seconds=3600), [])
+    run_connections(pipe, gop1_video, 3)
+    pipe.close()
+    r = play_in_hlsjs(task, hlsjs, chromium, tmp_path)
+    info = json.dumps({k: v for k, v in r.items() if k not in ("hls_log", "_browser_log")}, default=str)[:3000]
+    assert not [e for e in r["errors"] if e.get("fatal")], info
+    assert r["level_details"] and r["level_details"][0]["fragments"] == 12, info
+    assert sorted({f["sn"] for f in r["frags_buffered"] if f["type"] == "main"}) == list(range(12, 24)), info
+    assert r["duration"] is not None and abs(r["duration"] - 12.0) <= 0.5, info
+    assert r["done_reason"] == "ended", info
