@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from daemon import Daemon  # noqa: E402
-from live_servers import Publisher, RtmpServer, make_test_video  # noqa: E402
+from live_servers import Publisher, RtmpServer  # noqa: E402
+from videos import make_video  # noqa: E402
 
 from streamguard.inference.testmodel import make_test_bundle  # noqa: E402
 
@@ -130,6 +131,8 @@ def main() -> int:
     ap.add_argument("--retention-hours", type=float, default=0.25, help="storage.media_retention_hours")
     ap.add_argument("--sweep-seconds", type=float, default=30.0, help="storage.sweep_interval_seconds")
     ap.add_argument("--video-seconds", type=float, default=20.0, help="length of the looped file")
+    ap.add_argument("--bframes", type=int, default=2,
+                    help="B-frames in the looped file (2: like most encoders' defaults; 0: as live encoders send)")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "soak", help="daemon data dir (wiped first)")
     args = ap.parse_args()
     baseline = args.baseline_minutes * 60
@@ -139,10 +142,10 @@ def main() -> int:
 
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    video = out / f"soak_640x360_{args.video_seconds:g}s.mp4"
+    video = out / f"soak_640x360_{args.video_seconds:g}s_bf{args.bframes}.mp4"
     if not video.exists():  # 1 s GOPs, AAC, saturated red in seconds 10-15 (so moderation flags something)
-        make_test_video(video, seconds=args.video_seconds, fps=25, width=640, height=360, gop=25,
-                        red_ranges=((10.0, 15.0),) if args.video_seconds > 15 else ())
+        make_video(video, seconds=args.video_seconds, fps=25, width=640, height=360, gop=25,
+                   red=((10.0, 15.0),) if args.video_seconds > 15 else (), bframes=args.bframes)
     bundle = out / "test-bundle"
     if not (bundle / "manifest.json").exists():
         make_test_bundle(bundle)
