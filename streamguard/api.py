@@ -193,17 +193,25 @@ def stream_view(runtime: Runtime, row: TaskRow) -> StreamTask:
 # --- handlers ------------------------------------------------------------------------
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness only: the process answers (even with a broken model or a full disk)."""
     return json_response({"status": "ok", "version": __version__})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness, one named check each: the model really loaded, the store
+    writable, free disk above the floor, not draining. 503 names every failing one."""
     runtime = request.app[RUNTIME]
     writable = await runtime.store(Store.writable)
+    disk_reason = runtime.disk.reason()
     checks = {"model_loaded": runtime.analyzer is not None, "store_writable": writable,
-              "draining": runtime.streams.draining}
-    if not writable or runtime.streams.draining:
-        raise Unavailable("not ready", details=checks)
-    return json_response({"status": "ready", "checks": checks})
+              "disk_free": disk_reason is None, "draining": runtime.streams.draining}
+    reasons = [r for r in (runtime.model_error, None if writable else "the store is not writable",
+                           disk_reason, "the node is draining" if runtime.streams.draining else None) if r]
+    disk = {"free_bytes": runtime.disk.free_bytes(), "min_free_bytes": runtime.disk.min_free_bytes}
+    if reasons:
+        raise Unavailable(f"not ready: {'; '.join(reasons)}",
+                          details={"checks": checks, "reasons": reasons, "disk": disk})
+    return json_response({"status": "ready", "checks": checks, "disk": disk})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -342,7 +350,7 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", healthz, "Liveness", auth=False),
-    Route("GET", "/readyz", readyz, "Readiness: model loaded, store writable, not draining", auth=False),
+    Route("GET", "/readyz", readyz, "Readiness: model loaded, store writable, free disk above the floor, not draining", auth=False),
     Route("GET", "/metrics", metrics, "Prometheus metrics (text format)", auth=False),
     Route("GET", "/openapi.json", openapi, "This document", auth=False),
     Route("POST", "/v1/streams", start_stream, "Start moderating a live stream", StreamRequest, StreamStarted),

@@ -42,6 +42,15 @@ class ServerSettings(_Section, kw_only=True):
 class StorageSettings(_Section, kw_only=True):
     data_dir: str = "./var"
     retention_days: Annotated[float, Meta(gt=0)] = 3.0
+    # Live media (segments, playlists) is deleted this many hours after it was
+    # written; fractions of an hour are fine (0.25 = 15 minutes).
+    media_retention_hours: Annotated[float, Meta(gt=0)] = 72.0
+    # Below this many free bytes under data_dir the node takes no new tasks
+    # (503), /readyz fails, and running tasks stop writing media (their records
+    # go on). 0 disables the floor.
+    min_free_bytes: Annotated[int, Meta(ge=0)] = 1 << 30
+    # Seconds between media retention sweeps (they run off the event loop).
+    sweep_interval_seconds: PosFloat = 60.0
 
 
 class ModelSettings(_Section, kw_only=True):
@@ -91,6 +100,9 @@ class LiveSettings(_Section, kw_only=True):
     # seconds end the task with status 16, naming the last cause.
     max_failures: Annotated[int, Meta(ge=1, le=100)] = 3
     failure_window: PosFloat = 300.0
+    # Live playlists list at most this many seconds of the newest media (a
+    # sliding window); never more than storage.media_retention_hours.
+    playlist_window_seconds: PosFloat = 21600.0
 
 
 class LimitsSettings(_Section, kw_only=True):

@@ -48,6 +48,12 @@ class Metrics:
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)
 
+        self.disk_free_bytes = Gauge("streamguard_disk_free_bytes",
+                                     "Free bytes under the data dir at the last retention sweep.", registry=r)
+        self.media_deleted_bytes = Counter("streamguard_media_deleted_bytes_total",
+                                           "Bytes of live media deleted by retention and low-disk eviction.",
+                                           registry=r)
+
         self.deliveries = Counter("streamguard_deliveries_total",
                                   "Delivery attempts by result: delivered, retry (will try again), failed (gave up).",
                                   ["result"], registry=r)

@@ -26,7 +26,7 @@ import av
 
 from .analysis import Analyzer, TextTokenMeter
 from .errors import StreamGuardError
-from .media.hls import SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
+from .media.hls import LiveMedia, SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
 from .media.sampler import FrameSampler, SampledFrame, SamplerStats
 from .media.segmenter import Segment, Segmenter, fmt_time
 from .media.source import MediaSource
@@ -98,7 +98,7 @@ class SegmentPipeline:
 
     def __init__(self, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
                  emit: Callable[[ClosedSegment], None], *, next_index: int = 0,
-                 timeline_start: Fraction = Fraction(0)) -> None:
+                 timeline_start: Fraction = Fraction(0), live: LiveMedia | None = None) -> None:
         self.opts = opts
         self.task_dir = Path(task_dir)
         self.task_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ class SegmentPipeline:
         self.emit = emit
         self.next_index = next_index
         self.timeline_end = timeline_start
-        self.rendition = SourceRendition(self.task_dir, opts.segment_seconds, next_index)
+        self.rendition = SourceRendition(self.task_dir, opts.segment_seconds, next_index, live)
         self.stats = SamplerStats()
         self.segments = 0
         self._codecs: str | None = None

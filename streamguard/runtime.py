@@ -13,23 +13,49 @@ from pathlib import Path
 from .analysis import Analyzer, resolve_model_dir
 from .config import Settings
 from .delivery import DeliveryWorker
+from .media.retention import DiskSpace, MediaRetention
 from .metrics import Metrics
 from .store import AsyncStore, Store
 from .streams import StreamService
 
 log = logging.getLogger(__name__)
 
+RECORD_PURGE_INTERVAL = 3600.0
+
+
+async def load_analyzer(settings: Settings, model_dir: str | None,
+                        metrics: Metrics) -> tuple[Analyzer | None, str | None]:
+    """The model, or why it could not be loaded: a broken bundle must not keep
+    the node from serving (/healthz, /readyz with the reason, tasks that need
+    no model)."""
+    loop = asyncio.get_running_loop()
+    path = resolve_model_dir(settings, model_dir)
+    analyzer = None
+    try:
+        analyzer = await loop.run_in_executor(None, lambda: Analyzer.create(settings, path, metrics.on_batch))
+        metrics.prompt_tokens.inc(await loop.run_in_executor(None, analyzer.prepare))  # the node's cost
+    except Exception as exc:  # any failure of a bundle (manifest, ONNX, tokenizer) is reported the same way
+        if analyzer is not None:
+            analyzer.close()
+        reason = f"model bundle {path} failed to load: {getattr(exc, 'message', None) or exc}"
+        log.error("%s; serving without a model: /readyz answers 503 and tasks that moderate are refused", reason)
+        return None, reason
+    return analyzer, None
+
 
 @dataclass
 class Runtime:
     settings: Settings
     store: AsyncStore
-    analyzer: Analyzer
+    analyzer: Analyzer | None
     metrics: Metrics
     streams: StreamService
     delivery: DeliveryWorker
     started_at: float
-    _retention: asyncio.Task | None = None
+    disk: DiskSpace
+    retention: MediaRetention
+    model_error: str | None = None
+    _housekeeping: asyncio.Task | None = None
 
     @property
     def public_url(self) -> str:
@@ -42,35 +68,60 @@ class Runtime:
         data_dir.mkdir(parents=True, exist_ok=True)
         store = AsyncStore(await loop.run_in_executor(None, Store, data_dir / "streamguard.db"))
         metrics = Metrics()
-        analyzer = await loop.run_in_executor(
-            None, lambda: Analyzer.create(settings, resolve_model_dir(settings, model_dir), metrics.on_batch))
-        metrics.prompt_tokens.inc(await loop.run_in_executor(None, analyzer.prepare))  # the node's cost
+        analyzer, model_error = await load_analyzer(settings, model_dir, metrics)
+        disk = DiskSpace(data_dir, settings.storage.min_free_bytes)
+        retention = MediaRetention(data_dir / "media", settings.storage.media_retention_hours * 3600, disk)
         public = settings.server.public_url or f"http://{settings.server.host}:{settings.server.port}"
         delivery = DeliveryWorker(store, settings.delivery, metrics)
         delivery.start()
-        streams = StreamService(settings, store, analyzer, metrics, public, delivery)
+        streams = StreamService(settings, store, analyzer, metrics, public, delivery, disk=disk,
+                                model_error=model_error)
         resumed = await streams.resume_orphans()
         if resumed:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
-        runtime = cls(settings, store, analyzer, metrics, streams, delivery, time.time())
-        runtime._retention = asyncio.create_task(runtime._retention_loop(), name="retention")
+        runtime = cls(settings, store, analyzer, metrics, streams, delivery, time.time(), disk, retention,
+                      model_error)
+        runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
         return runtime
 
-    async def _retention_loop(self, interval: float = 3600.0) -> None:
-        keep = self.settings.storage.retention_days * 86400
+    async def _housekeeping_loop(self) -> None:
+        """Media retention every `storage.sweep_interval_seconds`, record
+        retention hourly; a failing pass is logged and retried, never fatal."""
+        last_purge = float("-inf")
         while True:
-            purged = await self.store(Store.purge, time.time() - keep)
-            if purged:
-                log.info("retention: purged %d record(s) older than %g days", purged,
-                         self.settings.storage.retention_days)
-            await asyncio.sleep(interval)
+            try:
+                await self.sweep_media()
+                if time.monotonic() - last_purge >= RECORD_PURGE_INTERVAL:
+                    await self.purge_records()
+                    last_purge = time.monotonic()
+            except Exception:
+                log.exception("retention pass failed; retrying next interval")
+            await asyncio.sleep(self.settings.storage.sweep_interval_seconds)
+
+    async def sweep_media(self) -> None:
+        running = list(self.streams.tasks)  # snapshot on the loop; the walk runs in a worker thread
+        result = await asyncio.get_running_loop().run_in_executor(None, self.retention.sweep, running)
+        if result.files_deleted or result.dirs_deleted:
+            log.info("media retention: deleted %d segment file(s) and %d stopped task folder(s), %d bytes",
+                     result.files_deleted, result.dirs_deleted, result.bytes_freed)
+        self.metrics.media_deleted_bytes.inc(result.bytes_freed)
+        self.metrics.disk_free_bytes.set(self.disk.free_bytes())
+
+    async def purge_records(self) -> None:
+        keep = self.settings.storage.retention_days * 86400
+        purged = await self.store(Store.purge, time.time() - keep)
+        if purged:
+            log.info("retention: purged %d record(s) older than %g days", purged,
+                     self.settings.storage.retention_days)
 
     async def close(self) -> None:
-        self._retention.cancel()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         await self.streams.drain()
         await self.delivery.close()
-        self.analyzer.close()
+        if self.analyzer is not None:
+            self.analyzer.close()
         self.store.close()
 
     @property

@@ -26,6 +26,8 @@ from .config import Settings
 from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
 from .live import Failure, LiveSupervisor, TaskEnd, describe_failure
 from .media.probe import check_live_source
+from .media.hls import LiveMedia
+from .media.retention import DiskSpace
 from .media.source import SourceOptions
 from .metrics import Metrics
 from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
@@ -177,12 +179,18 @@ def task_event(name: str, row: TaskRow, data: dict[str, Any]) -> Event:
 
 
 class StreamService:
-    def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer, metrics: Metrics,
-                 public_url: str, delivery: DeliveryWorker) -> None:
+    def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
+                 public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
+                 model_error: str | None = None) -> None:
         self.settings = settings
         self.store = store
         self.delivery = delivery
         self.analyzer = analyzer
+        self.model_error = model_error  # why analyzer is None
+        self.disk = disk or DiskSpace(settings.data_dir, settings.storage.min_free_bytes)
+        self.live_media = LiveMedia(window_seconds=settings.live.playlist_window_seconds,
+                                    max_age_seconds=settings.storage.media_retention_hours * 3600,
+                                    may_write=self.disk.ok)
         self.metrics = metrics
         self.media_root = settings.data_dir / "media"
         self.public_url = public_url.rstrip("/")
@@ -225,6 +233,7 @@ class StreamService:
         dir, the pipeline) comes before the task and its `stream.started` event
         are stored; a failed start stores nothing and frees its slot."""
         validate_stream_request(req)
+        self.check_admission(req.enable_content_moderation)
         self._admit()
         try:
             balance = await self.store(Store.balance, principal.key_id)
@@ -269,6 +278,18 @@ class StreamService:
         self._run(prepared)  # no await since the slot was released: it is taken again here
         self.delivery.wake()
 
+    def check_admission(self, needs_model: bool) -> None:
+        """503 for what this node cannot take now: disk below the floor, or
+        moderation without a loaded model."""
+        low = self.disk.reason()
+        if low is not None:
+            raise Unavailable(f"not accepting new tasks: {low}",
+                              details={"reason": "low_disk", "free_bytes": self.disk.free_bytes(),
+                                       "min_free_bytes": self.disk.min_free_bytes})
+        if needs_model and self.analyzer is None:
+            raise Unavailable(f"moderation is unavailable on this node: {self.model_error}",
+                              details={"reason": "model_not_loaded"})
+
     def _prepare(self, row: TaskRow, req: StreamRequest) -> PreparedTask:
         """The parts of a task that can fail before it runs (its media dir must be writable)."""
         loop = asyncio.get_running_loop()
@@ -287,7 +308,7 @@ class StreamService:
 
         def make_pipeline(next_index: int, timeline_start: Fraction) -> SegmentPipeline:
             pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=next_index,
-                                       timeline_start=timeline_start)
+                                       timeline_start=timeline_start, live=self.live_media)
             probe = task_dir / ".writable"  # fail now, not at the first segment
             probe.write_bytes(b"")
             probe.unlink()
@@ -495,7 +516,7 @@ class StreamService:
         remaining tasks time to work their backlog off."""
         limit = self.settings.limits.max_backlog_seconds
         previous, last_shed = 0.0, float("-inf")
-        while True:
+        while self.analyzer is not None:  # without a model there is no inference to fall behind
             await asyncio.sleep(interval)
             self.metrics.queue_depth.set(self.analyzer.batcher.depth())
             lag = self.analyzer.batcher.oldest_wait()
@@ -537,7 +558,17 @@ class StreamService:
         dir is not writable) ends with 16 naming why."""
         rows = await self.store(Store.tasks_in_state, "starting", "running")
         for row in rows:
-            req = msgspec.convert(row.params, StreamRequest)
+            try:
+                req = msgspec.convert(row.params, StreamRequest)
+            except msgspec.ValidationError as exc:  # stored before today's limits
+                await self._store_end(row, row.next_seq, TaskEnd(
+                    STATUS_CAPACITY, f"cannot resume: its stored settings are no longer valid: {exc}"))
+                continue
+            if req.enable_content_moderation and self.analyzer is None:
+                # never run a moderation task unmoderated: it ends, saying why
+                await self._store_end(row, row.next_seq, TaskEnd(
+                    STATUS_CAPACITY, f"node cannot moderate: {self.model_error}"))
+                continue
             log.warning("resuming task %s at segment %d (%.3f s)", row.id, row.next_seq, row.timeline_end)
             try:
                 prepared = self._prepare(row, req)

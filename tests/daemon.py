@@ -84,7 +84,9 @@ class Daemon:
         assert res.returncode == 0, res.stderr
         return res.stdout.strip().splitlines()[-1]
 
-    def start(self, timeout: float = 30) -> "Daemon":
+    def start(self, timeout: float = 30, *, until: str = "/readyz") -> "Daemon":
+        """Start and wait for `until` to answer 200 (`/healthz` for a daemon
+        that is up but not meant to be ready: broken model, full disk)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -96,7 +98,7 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                if request(self.base, "GET", "/readyz", timeout=2).status == 200:
+                if request(self.base, "GET", until, timeout=2).status == 200:
                     return self
             except OSError:
                 pass

@@ -5,15 +5,24 @@ The `source` rendition is a remux: packets are copied into one MPEG-TS file
 per moderation segment, so HLS segments and moderation segments are the same
 cut. The media playlist is rewritten atomically after each segment, so a live
 player always sees a valid, growing playlist; `#EXT-X-ENDLIST` closes it.
+
+A live task that runs for weeks keeps a sliding window (`LiveMedia`): the
+playlist lists only the newest media, from a bounded deque, with
+`#EXT-X-MEDIA-SEQUENCE` and `#EXT-X-DISCONTINUITY-SEQUENCE` counting what slid
+out, so a player's numbering stays stable; media retention
+(media/retention.py) deletes the files that left the window.
 """
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 import os
+import time
+from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 
@@ -36,6 +45,24 @@ class PlaylistEntry:
     duration: float
     size: int
     discontinuity: bool = False
+    closed_at: float = 0.0  # wall clock (time.time()) when the file was complete
+
+
+@dataclass(frozen=True)
+class LiveMedia:
+    """How a live rendition bounds its disk: the playlist lists at most
+    `window_seconds` of media and nothing written more than `max_age_seconds`
+    ago (retention deletes files after that, so the playlist never names a
+    deleted one); `may_write()` is asked before each new segment file (false
+    while free disk is below the floor: the records go on, the media pauses)."""
+
+    window_seconds: float
+    max_age_seconds: float
+    may_write: Callable[[], bool] = lambda: True
+
+
+def _tag_int(line: str, tag: str) -> int | None:
+    return int(line[len(tag):]) if line.startswith(tag) and line[len(tag):].strip().isdigit() else None
 
 
 def _avc_codec_string(extradata: bytes | None) -> str | None:
@@ -63,11 +90,20 @@ class SourceRendition:
 
     name = "source"
 
-    def __init__(self, task_dir: Path, segment_seconds: int, next_index: int = 0) -> None:
+    def __init__(self, task_dir: Path, segment_seconds: int, next_index: int = 0,
+                 live: LiveMedia | None = None) -> None:
         self.dir = task_dir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_seconds = segment_seconds
-        self.entries: list[PlaylistEntry] = []
+        self.live = live
+        # The listed segments: bounded by the window when live (never a list
+        # that grows for the life of the task).
+        self.entries: deque[PlaylistEntry] = deque()
+        self.media_sequence = 0  # sequence number of entries[0]
+        self.discontinuity_sequence = 0  # discontinuities that slid out of the window
+        self._listed_seconds = 0.0
+        self._target = segment_seconds  # TARGETDURATION never shrinks during a playlist's life
+        self._skipping = False  # the open segment is not written (disk below the floor)
         self._out: av.container.OutputContainer | None = None
         self._map: dict[int, av.stream.Stream] = {}
         self._next = next_index
@@ -76,27 +112,68 @@ class SourceRendition:
         self.audio_in: av.audio.stream.AudioStream | None = None
         self.width = self.height = 0
         if next_index:
-            self.entries = self._load_entries(next_index)
+            self._load_entries(next_index)
 
-    def _load_entries(self, next_index: int) -> list[PlaylistEntry]:
+    def _load_entries(self, next_index: int) -> None:
         """A resumed task keeps the segments it had stored (those before
-        next_index); cut-but-unstored ones are cut again."""
+        next_index; cut-but-unstored ones are cut again) and the sequence
+        numbers of its windowed playlist. Only the newest run of segments whose
+        files still exist is kept, so sequence numbers stay tied to positions."""
         path = self.dir / "playlist.m3u8"
         if not path.exists():
-            return []
-        entries, duration, disc = [], 0.0, False
+            return
+        first_seq = first_disc = 0
+        listed: list[PlaylistEntry] = []
+        duration, disc = 0.0, False
         for line in path.read_text().splitlines():
-            if line.startswith("#EXTINF:"):
+            if (n := _tag_int(line, "#EXT-X-MEDIA-SEQUENCE:")) is not None:
+                first_seq = n
+            elif (n := _tag_int(line, "#EXT-X-DISCONTINUITY-SEQUENCE:")) is not None:
+                first_disc = n
+            elif (n := _tag_int(line, "#EXT-X-TARGETDURATION:")) is not None:
+                self._target = max(self._target, n)
+            elif line.startswith("#EXTINF:"):
                 duration = float(line[8:].split(",")[0])
             elif line == "#EXT-X-DISCONTINUITY":
                 disc = True
             elif line.startswith("segment_") and line.endswith(".ts"):
-                index = int(line[8:-3])
-                seg = self.dir / line
-                if index < next_index and seg.exists():
-                    entries.append(PlaylistEntry(index, duration, seg.stat().st_size, disc))
+                listed.append(PlaylistEntry(int(line[8:-3]), duration, 0, disc))
                 disc = False
-        return entries
+        start, end = 0, 0  # listed[start:end]: the run that is kept
+        for pos, entry in enumerate(listed):
+            if entry.index >= next_index:
+                break
+            try:
+                st = (self.dir / segment_name(entry.index)).stat()
+            except FileNotFoundError:
+                start = pos + 1  # a gap: only what follows it keeps consecutive numbers
+                continue
+            entry.size, entry.closed_at = st.st_size, st.st_mtime
+            end = pos + 1
+        keep, dropped = listed[start:end], listed[:start]
+        self.media_sequence = first_seq + len(dropped)
+        self.discontinuity_sequence = first_disc + sum(e.discontinuity for e in dropped)
+        for entry in keep:
+            self._append(entry)
+        self._slide(time.time())
+
+    def _append(self, entry: PlaylistEntry) -> None:
+        self.entries.append(entry)
+        self._listed_seconds += entry.duration
+        self._target = max(self._target, math.ceil(entry.duration))
+
+    def _slide(self, now: float) -> None:
+        """Drop the oldest entries past the window (by media length) or past
+        the retention age; the newest entry always stays listed."""
+        if self.live is None:
+            return
+        window = min(self.live.window_seconds, self.live.max_age_seconds)
+        while len(self.entries) > 1 and (self._listed_seconds > window
+                                         or now - self.entries[0].closed_at > self.live.max_age_seconds):
+            gone = self.entries.popleft()
+            self._listed_seconds -= gone.duration
+            self.media_sequence += 1
+            self.discontinuity_sequence += gone.discontinuity
 
     def bind(self, video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None, *,
              discontinuity: bool = False) -> None:
@@ -118,6 +195,8 @@ class SourceRendition:
         packet someone still holds (the sampler, for a later lazy decode) must
         be muxed as a copy."""
         if self._out is None:
+            if self._skipping or not self._may_write():
+                return
             self._open_segment()
         assert self._out is not None
         out_stream = self._map[packet.stream.index]
@@ -129,16 +208,29 @@ class SourceRendition:
         packet.stream = out_stream
         self._out.mux(packet)
 
+    def _may_write(self) -> bool:
+        """Asked once per segment, when its first packet arrives."""
+        if self.live is None or self.live.may_write():
+            return True
+        self._skipping = True
+        return False
+
     def close_segment(self, segment: Segment) -> None:
+        if self._skipping:  # not written: the next written segment follows a gap
+            self._skipping = False
+            self._next = segment.index + 1
+            self._discontinuity = True
+            return
         if self._out is None:
             return
         self._out.close()
         self._out = None
         self._next = segment.index + 1
         path = self.dir / segment_name(segment.index)
-        self.entries.append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size,
-                                          self._discontinuity))
+        self._append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size,
+                                   self._discontinuity, time.time()))
         self._discontinuity = False
+        self._slide(time.time())
         self.write_playlist(ended=False)
 
     def abort(self) -> None:
@@ -154,11 +246,13 @@ class SourceRendition:
         return int(max(rates)) if rates else 0
 
     def write_playlist(self, *, ended: bool) -> None:
-        longest = max((e.duration for e in self.entries), default=0.0)
-        target = max(self.segment_seconds, math.ceil(longest))
-        lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{target}",
-                 f"#EXT-X-MEDIA-SEQUENCE:{self.entries[0].index if self.entries else 0}",
-                 "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]
+        lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{self._target}",
+                 f"#EXT-X-MEDIA-SEQUENCE:{self.media_sequence}"]
+        if self.live is None:
+            lines.append("#EXT-X-PLAYLIST-TYPE:EVENT")  # only ever appended to
+        else:  # a sliding window (no PLAYLIST-TYPE: EVENT forbids removing segments)
+            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{self.discontinuity_sequence}")
+        lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
         for e in self.entries:
             if e.discontinuity:
                 lines.append("#EXT-X-DISCONTINUITY")
