@@ -223,12 +223,12 @@ class InputScan:
         return None
 
 
-async def _load_analyzer(settings: Settings, model_dir: str | None) -> Analyzer:
+def _load_analyzer(settings: Settings, model_dir: str | None) -> "asyncio.Future[Analyzer]":
     def load() -> Analyzer:
         analyzer = Analyzer.create(settings, resolve_model_dir(settings, model_dir))
         analyzer.prepare()
         return analyzer
-    return await _in_thread(load, "model-load")
+    return _in_thread(load, "model-load")
 
 
 async def _run_inputs(scans: list[InputScan], stop: ScanStop, out: TextIO, progress: Progress) -> list[str | None]:

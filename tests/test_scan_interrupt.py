@@ -1,0 +1,132 @@
+"""`streamguard scan` of a live URL ends on Ctrl-C: a real nginx-rtmp server and a
+looping ffmpeg publisher (tests/live_servers.py), the real command line in a
+subprocess, SIGINT once records flow. It must exit 130 within 2 s with every
+playlist closed (#EXT-X-ENDLIST) and no traceback, every time (issue 8, item 9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from live_servers import Publisher, SilentServer, make_test_video
+
+pytestmark = [pytest.mark.live]
+
+STOP_LIMIT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def live_url(rtmp, tmp_path_factory):
+    """One looping publisher for the module; every try reads it from its live edge."""
+    video = make_test_video(tmp_path_factory.mktemp("pub") / "loop.flv", seconds=6, width=160, height=120)
+    with Publisher(video, rtmp.url("cam1")) as pub:
+        pub.start()
+        yield pub.url
+
+
+def _start_scan(*args: str | os.PathLike) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "streamguard", "scan", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+
+
+def _read_until(proc: subprocess.Popen, done: Callable[[bytes], bool], timeout: float) -> bytes:
+    """stdout until `done(stdout so far)` (bounded)."""
+    assert proc.stdout is not None
+    buf = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while not done(buf):
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                break
+            if sel.select(left):
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                buf += chunk
+    if not done(buf):
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+        pytest.fail(f"records did not come within {timeout} s (rc {proc.returncode}):\n"
+                    f"{(buf + out).decode()[-2000:]}\n{err.decode()[-3000:]}")
+    return buf
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[int, float, str, str]:
+    """SIGINT once; (exit status, seconds to exit, rest of stdout, stderr)."""
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail(f"scan still running 10 s after SIGINT:\n{proc.stderr.read().decode()[-3000:]}")
+    elapsed = time.monotonic() - sent
+    return proc.returncode, elapsed, proc.stdout.read().decode(), proc.stderr.read().decode()
+
+
+def _assert_closed_hls(task_dir: Path) -> list[str]:
+    playlist = (task_dir / "source" / "playlist.m3u8").read_text()
+    assert playlist.rstrip().endswith("#EXT-X-ENDLIST"), playlist
+    segments = [line for line in playlist.splitlines() if line.endswith(".ts")]
+    assert segments and all((task_dir / "source" / s).stat().st_size > 0 for s in segments)
+    assert (task_dir / "master.m3u8").exists()
+    return segments
+
+
+def test_ctrl_c_ends_a_live_scan_within_2_s_every_time(live_url, tmp_path):
+    times = []
+    for attempt in range(10):
+        out = tmp_path / f"try{attempt}"
+        proc = _start_scan(live_url, "--segment-seconds", "1", "--out", out, "--data-dir", tmp_path / "var")
+        head = _read_until(proc, lambda out: b"\n" in out, timeout=30)
+        rc, elapsed, rest, err = _interrupt(proc)
+        times.append(elapsed)
+        assert rc == 130, f"try {attempt}: exit {rc}\n{err}"
+        assert elapsed <= STOP_LIMIT_S, f"try {attempt}: exited {elapsed:.2f} s after SIGINT"
+        assert "Traceback" not in err, err
+        records = [json.loads(line) for line in (head.decode() + rest).splitlines() if line.strip()]
+        segments = _assert_closed_hls(out)
+        # The segment open at Ctrl-C is closed with what it had and gets its record.
+        assert [r["data"]["data"]["segment_index"] for r in records] == list(range(len(segments)))
+        assert all(r["data"]["status"] == 0 for r in records), records
+    print(f"SIGINT -> exit: max {max(times):.2f} s, mean {sum(times) / len(times):.2f} s")
+
+
+def test_ctrl_c_with_a_live_url_and_a_file(live_url, red_video, test_bundle, tmp_path):
+    out = tmp_path / "hls"
+    proc = _start_scan(live_url, red_video, "--moderate", "--model", test_bundle, "--segment-seconds", "1",
+                       "--out", out, "--data-dir", tmp_path / "var")
+    # Records from both: the file's come at once, the stream's in real time.
+    _read_until(proc, lambda out: b'"task_id":"cam1-' in out and b'"task_id":"red-' in out, timeout=60)
+    rc, elapsed, _, err = _interrupt(proc)
+    assert rc == 130, err
+    assert elapsed <= STOP_LIMIT_S, f"exited {elapsed:.2f} s after SIGINT"
+    assert "Traceback" not in err and "error" not in err.lower(), err
+    task_dirs = sorted(p.parent.parent for p in out.glob("*/source/playlist.m3u8"))
+    assert len(task_dirs) == 2, list(out.iterdir())
+    for task_dir in task_dirs:
+        _assert_closed_hls(task_dir)
+
+
+def test_ctrl_c_while_a_source_stays_silent(tmp_path):
+    """Connected but never a byte: the open is abandoned at once, nothing to close."""
+    with SilentServer() as silent:
+        proc = _start_scan(silent.url(), "--out", tmp_path / "hls", "--data-dir", tmp_path / "var")
+        time.sleep(1.0)  # python start-up and the TCP connect; the open then waits on the server
+        rc, elapsed, out, err = _interrupt(proc)
+    assert rc == 130, err
+    assert elapsed <= STOP_LIMIT_S
+    assert out == "" and "Traceback" not in err, err
