@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -90,3 +91,30 @@ def test_readme_links_nothing_outside_the_repo() -> None:
     assert not re.search(r"(^|[\s`(\[])\.\./", readme), "a path outside the repository"
     for target in re.findall(r"\]\(([^)]+)\)", readme):
         assert target.startswith(("http://", "https://")) or (REPO / target).exists(), target
+
+
+def test_serve_logs_its_absolute_data_dir(test_bundle: Path, tmp_path: Path) -> None:
+    import signal
+
+    from daemon import free_port, request
+
+    port = free_port()
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", "streamguard", "serve", "--port", str(port), "--data-dir", "var",
+                             "--model", str(test_bundle)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if request(f"http://127.0.0.1:{port}", "GET", "/healthz", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"(data {(tmp_path / 'var').resolve()})" in err, err
