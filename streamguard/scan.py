@@ -12,6 +12,7 @@ input never ends by itself, so this is how a live scan is meant to end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -241,6 +242,8 @@ async def _run_inputs(scans: list[InputScan], stop: ScanStop, out: TextIO, progr
     if done:
         return runs.result()
     runs.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runs  # let the cancelled inputs unwind
     for s in scans:
         if s.close_playlists():
             log.warning("%s did not stop within %.1f s (its source is not answering); "

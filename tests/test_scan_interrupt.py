@@ -130,3 +130,25 @@ def test_ctrl_c_while_a_source_stays_silent(tmp_path):
     assert rc == 130, err
     assert elapsed <= STOP_LIMIT_S
     assert out == "" and "Traceback" not in err, err
+
+
+def test_ctrl_c_while_a_connected_stream_stalls(rtmp, tmp_path):
+    """The publisher freezes mid-stream (SIGSTOP): the scan is blocked reading a
+    source that sends nothing. It still exits 130 within 2 s, with the playlist
+    closed for it and one line saying the last segment has no record."""
+    video = make_test_video(tmp_path / "stall.flv", seconds=6, width=160, height=120)
+    with Publisher(video, rtmp.url("stall")) as pub:
+        pub.start()
+        out = tmp_path / "hls"
+        proc = _start_scan(pub.url, "--segment-seconds", "1", "--out", out, "--data-dir", tmp_path / "var")
+        _read_until(proc, lambda buf: b"\n" in buf, timeout=30)
+        os.killpg(pub.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # the scan now waits on the source (read timeout 10 s)
+            rc, elapsed, _, err = _interrupt(proc)
+        finally:
+            os.killpg(pub.proc.pid, signal.SIGCONT)
+    assert rc == 130, err
+    assert elapsed <= STOP_LIMIT_S, f"exited {elapsed:.2f} s after SIGINT"
+    assert "Traceback" not in err and "did not stop within" in err, err
+    _assert_closed_hls(out)
