@@ -148,6 +148,8 @@ async def _unless_stopped(fut: "asyncio.Future[T]", stop: ScanStop) -> tuple[boo
         stopped.cancel()
     if fut.done():
         return True, fut.result()
+    # Left behind: its outcome (say, a failed connect) no longer matters to anyone.
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
     return False, None
 
 
