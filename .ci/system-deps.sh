@@ -33,6 +33,7 @@ PACKAGES=(
   gstreamer1.0-plugins-ugly   # x264enc
   gstreamer1.0-libav          # avenc_aac
   chromium                    # headless browser for tests/test_hlsjs.py (HLS output plays in hls.js)
+  curl                        # the README tour's API calls, run by tests/test_readme_tour.py
 )
 
 missing=()

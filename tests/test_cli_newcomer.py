@@ -84,6 +84,7 @@ def test_system_deps_installs_npm_when_none_runs() -> None:
     assert res.returncode == 0, res.stderr
     assert re.search(r"would install: .*\bnodejs npm\b", res.stdout), res.stdout
     assert "bash .ci/system-deps.sh" in (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^  curl\b", script.read_text(), re.M), "the README tour (and its test) use curl"
 
 
 def test_readme_links_nothing_outside_the_repo() -> None:
