@@ -128,11 +128,15 @@ def test_tour_runs_against_a_real_daemon_and_source(test_bundle: Path, tmp_path:
         # Several inputs: the source again (the tour says to restart it), ended by SIGINT after 12 s.
         source = start_source(local(source_cmd), home, tmp_path / "source.log")
         try:
-            rest = "\n".join(script[multi:]).replace("timeout -s INT", "timeout --preserve-status -s INT", 1)
-            second = subprocess.run(["bash", "-c", rest], cwd=home, capture_output=True, text=True, timeout=60)
+            second = subprocess.run(["bash", "-c", script[multi]], cwd=home, capture_output=True, text=True,
+                                    timeout=60)
         finally:
             stop_source(source)
+        assert second.returncode == 130, second.stderr  # the scan's own status, through timeout
         assert "Traceback" not in second.stderr, second.stderr
+        listing = subprocess.run(["bash", "-c", "\n".join(script[multi + 1:])], cwd=home, capture_output=True,
+                                 text=True, timeout=30)
+        assert listing.returncode == 0 and listing.stdout.count("master.m3u8") == 2, listing
         folders = sorted(p.parent.name for p in (home / "multi").glob("*/master.m3u8"))
         assert [re.sub(r"-[0-9a-f]{8}$", "", f) for f in folders] == ["cam1", "talk"], (folders, second.stderr)
         for folder in folders:
