@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -250,6 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> None:
+    """The process entry (console script and `python -m streamguard`): a Ctrl-C
+    that comes once the command has returned changes nothing, rather than
+    killing the interpreter on its way out (exit -2 instead of the status)."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        status = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 def _interrupted(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 20:
@@ -260,4 +273,4 @@ def _interrupted(exc: BaseException | None) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

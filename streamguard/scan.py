@@ -264,11 +264,16 @@ async def run_scan(urls: list[str], settings: Settings, opts: PipelineOptions, *
     try:
         if opts.analyze:
             try:
-                loaded, analyzer = await _unless_stopped(_load_analyzer(settings, model_dir), stop)
+                loading = _load_analyzer(settings, model_dir)
+                loaded, analyzer = await _unless_stopped(loading, stop)
             except StreamGuardError as exc:
                 stderr.write(f"streamguard: error: {exc.message}\n")
                 return 1
             if not loaded:
+                # ONNX Runtime cannot be left half-built in a thread at exit (the
+                # process would abort): the load finishes first, then the scan ends.
+                with contextlib.suppress(StreamGuardError):
+                    analyzer = await loading
                 return 128 + (stop.signum or signal.SIGINT)
         p = settings.pipeline
         src_opts = SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads)
@@ -281,8 +286,8 @@ async def run_scan(urls: list[str], settings: Settings, opts: PipelineOptions, *
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
-        if analyzer is not None and not stop.requested:
-            analyzer.close()  # after a stop the batcher (a daemon thread) is left to the exit
+        if analyzer is not None:
+            analyzer.close()  # the batcher finishes what was submitted: ONNX Runtime must not run at exit
     failed = [e for e in errors if e]
     for error in failed:
         stderr.write(f"streamguard: error: {error}\n")
