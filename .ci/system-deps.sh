@@ -5,10 +5,13 @@
 #   * nginx + libnginx-mod-rtmp   - real RTMP server (module: /usr/lib/nginx/modules/ngx_rtmp_module.so)
 #   * GStreamer RTSP server       - real RTSP server driven by tests/rtsp_server.py,
 #                                   run with Debian's /usr/bin/python3 (python3-gi)
+#   * chromium                    - headless browser for tests/test_hlsjs.py
+#   * nodejs + npm                - `npm pack hls.js` for tests/test_hlsjs.py
 #
 # Idempotent: when every package is already installed this exits without touching
 # apt at all (no `apt-get update`), so reruns are fast.
 # Needs root (or sudo). Usage: bash .ci/system-deps.sh
+# SYSTEM_DEPS_DRY_RUN=1 only prints what it would install.
 set -euo pipefail
 
 PACKAGES=(
@@ -30,6 +33,7 @@ PACKAGES=(
   gstreamer1.0-plugins-ugly   # x264enc
   gstreamer1.0-libav          # avenc_aac
   chromium                    # headless browser for tests/test_hlsjs.py (HLS output plays in hls.js)
+  curl                        # the README tour's API calls, run by tests/test_readme_tour.py
 )
 
 missing=()
@@ -41,8 +45,20 @@ for pkg in "${PACKAGES[@]}"; do
   fi
 done
 
+# Node.js/npm: checked by command, not by package, because a machine may have
+# them from elsewhere (NodeSource's nodejs bundles npm and conflicts with
+# Debian's npm package); Debian's nodejs + npm are installed only when no npm runs.
+if ! command -v "${NPM:-npm}" >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+fi
+
 if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "system-deps: all ${#PACKAGES[@]} packages already installed"
+  echo "system-deps: all ${#PACKAGES[@]} packages and npm already installed"
+  exit 0
+fi
+
+if [[ "${SYSTEM_DEPS_DRY_RUN:-}" == 1 ]]; then  # for tests: say what would be installed
+  echo "system-deps: would install: ${missing[*]}"
   exit 0
 fi
 

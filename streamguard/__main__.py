@@ -1,5 +1,8 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import entry
+except KeyboardInterrupt:  # Ctrl-C while still importing: the same quiet exit as later
+    sys.exit(130)
 
-sys.exit(main())
+entry()

@@ -6,13 +6,18 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from . import __version__
 from .config import Settings, load_settings
 from .errors import NotFound as NotFoundError
 from .errors import StreamGuardError
+
+if TYPE_CHECKING:
+    from .store import Store
 
 RENDITIONS = ("source",)
 
@@ -57,7 +62,11 @@ def _common(p: argparse.ArgumentParser, *, model: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamguard", description="Self-hosted live video moderation.")
+    parser = argparse.ArgumentParser(
+        prog="streamguard", description="Self-hosted live video moderation.",
+        epilog="The data dir (store, media, models) defaults to ./var, relative to the directory you "
+               "run the command in: run serve and keys from the same directory or give both --data-dir.")
+    parser.add_argument("--version", action="version", version=f"streamguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     scan = sub.add_parser("scan", help="run the segment pipeline on files or stream URLs, print records")
@@ -111,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
-    """Config file + env, then the command's flags (those given) on top."""
+    """Config file + env, then the command's flags (those given) on top.
+
+    The data dir is made absolute here, once: the default `./var` depends on
+    the directory a command runs in, so every message that names it (serve's
+    start line, each `keys` command) shows which one was really used."""
     tree: dict[str, Any] = {}
     if getattr(args, "data_dir", None):
         tree["storage"] = {"data_dir": args.data_dir}
@@ -119,7 +132,9 @@ def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | N
         given = {k: v for k, v in values.items() if v is not None}
         if given:
             tree.setdefault(section, {}).update(given)
-    return load_settings(getattr(args, "config", None), overrides=tree)
+    settings = load_settings(getattr(args, "config", None), overrides=tree)
+    settings.storage.data_dir = str(Path(settings.storage.data_dir).expanduser().resolve())
+    return settings
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -168,11 +183,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(settings, args.model)
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def _open_key_store(settings: Settings, action: str) -> "Store":
+    """The store a `keys` command works on, named on stderr: a key created in
+    another directory's ./var is a key the daemon never sees."""
     from .store import Store
 
+    path = settings.data_dir / "streamguard.db"
+    if not path.exists():
+        if action != "create":
+            raise NotFoundError(f"no store at {path}: pass the daemon's --data-dir "
+                                "(or run this in the directory where `streamguard serve` runs)")
+        print(f"streamguard: keys store {path} (new; `serve` must use this data dir: {settings.data_dir})",
+              file=sys.stderr)
+    else:
+        print(f"streamguard: keys store {path}", file=sys.stderr)
+    return Store(path)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = Store(settings.data_dir / "streamguard.db")
+    store = _open_key_store(settings, args.keys_command)
     try:
         action = args.keys_command
         if action == "create":
@@ -215,7 +245,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if _interrupted(exc):  # Ctrl-C during start-up, wrapped by a library's import
+            return 130
+        raise
+
+
+def entry() -> None:
+    """The process entry (console script and `python -m streamguard`): a Ctrl-C
+    that comes once the command has returned changes nothing, rather than
+    killing the interpreter on its way out (exit -2 instead of the status)."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        status = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -2,28 +2,43 @@
 
 Several inputs run concurrently (one ingest thread each) and share one
 inference batcher, so their frames are batched together.
+
+Ctrl-C (SIGINT) or SIGTERM stops every input at its next packet: the open
+segment closes with what it has, gets its record, and each playlist gets
+#EXT-X-ENDLIST; the exit status is 128 + the signal (130 for Ctrl-C). A stream
+input never ends by itself, so this is how a live scan is meant to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import signal
 import sys
+import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO, TypeVar
 
 from .analysis import Analyzer, resolve_model_dir
 from .config import Settings
 from .errors import StreamGuardError
 from .media.source import MediaSource, SourceOptions
-from .pipeline import ClosedSegment, IngestResult, MediaLocator, PipelineOptions, RecordAssembler, ingest
+from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
 from .schemas import encoder
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# After a stop signal, how long the inputs get to close their last segment and
+# print its record. An input still blocked on a silent source after that has
+# its playlist closed for it and is left behind, so Ctrl-C ends a scan in under
+# 2 s even when a source stops answering.
+STOP_GRACE_SECONDS = 1.2
 
 
 @dataclass
@@ -68,69 +83,214 @@ class Progress:
             self.stream.write("\n")
 
 
-async def _scan_one(item: ScanInput, opts: PipelineOptions, src_opts: SourceOptions, analyzer: Analyzer | None,
-                    pool: ThreadPoolExecutor, out: TextIO, progress: Progress) -> str | None:
+class ScanStop:
+    """The stop request shared by the event loop (which sets it from the
+    signal handler) and the ingest threads (which poll it at every packet)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._flag = threading.Event()
+        self._event = asyncio.Event()
+
+    def request(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._flag.set()
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._flag.is_set()
+
+    def mode(self) -> str | None:
+        """`should_stop` for SegmentPipeline.consume (called from ingest threads)."""
+        return StopMode.NOW if self._flag.is_set() else None
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> "asyncio.Future[T]":
+    """Run blocking `fn` in a daemon thread. Unlike an executor's workers, a
+    daemon thread blocked on a silent source does not hold up the exit after a
+    stop signal."""
     loop = asyncio.get_running_loop()
-    source = MediaSource(item.url, src_opts)
-    try:
-        await loop.run_in_executor(pool, source.open)
-    except StreamGuardError as exc:
-        return exc.message
-    queue: asyncio.Queue[ClosedSegment | None] = asyncio.Queue()
+    fut: asyncio.Future[T] = loop.create_future()
 
-    def emit(closed: ClosedSegment) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, closed)
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
 
-    def run() -> IngestResult:
+    def run() -> None:
         try:
-            return ingest(source, opts, item.task_dir, analyzer, emit)
-        except Exception as exc:  # a bug must still end in one clear line, not a traceback
-            log.exception("ingest of %s failed", item.url)
-            return IngestResult(error=f"{item.url}: internal error: {exc!r} (run with -v for details)")
-        finally:
-            source.close()
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            result, exc = fn(), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:
+            pass  # the loop is gone: the scan ended without waiting for this thread
 
-    ingest_done = loop.run_in_executor(pool, run)
-    assembler = RecordAssembler(item.task_id, opts, analyzer, MediaLocator(item.task_dir, None))
-    while (closed := await queue.get()) is not None:
-        record = await assembler.build(closed)
-        out.write(encoder.encode(record).decode() + "\n")
-        out.flush()
-        progress.segment(item.task_id, closed)
-    result = await ingest_done
-    if result.error:
-        return result.error
-    if result.segments == 0:
-        return f"{item.url}: no video frames could be read"
-    return None
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+async def _unless_stopped(fut: "asyncio.Future[T]", stop: ScanStop) -> tuple[bool, T | None]:
+    """(True, result) when `fut` finished first, (False, None) when a stop came first."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({fut, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if fut.done():
+        return True, fut.result()
+    # Left behind: its outcome (say, a failed connect) no longer matters to anyone.
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return False, None
+
+
+class InputScan:
+    """One input of a scan: its source, pipeline and records."""
+
+    def __init__(self, item: ScanInput, opts: PipelineOptions, src_opts: SourceOptions,
+                 analyzer: Analyzer | None, stop: ScanStop) -> None:
+        self.item = item
+        self.opts = opts
+        self.analyzer = analyzer
+        self.stop = stop
+        self.source = MediaSource(item.url, src_opts)
+        self.pipe: SegmentPipeline | None = None
+        self.segments = 0
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def close_playlists(self) -> bool:
+        """#EXT-X-ENDLIST, once: by the ingest thread when it ends, or by the
+        event loop for an input that did not stop in time. True if this call did it."""
+        with self._close_lock:
+            if self._closed or self.pipe is None:
+                return False
+            self._closed = True
+            self.pipe.close()
+            return True
+
+    def _ingest(self, emit: Callable[[ClosedSegment], None]) -> str | None:
+        try:
+            self.pipe = SegmentPipeline(self.opts, self.item.task_dir, self.analyzer, emit)
+            return self.pipe.consume(self.source, self.stop.mode)
+        except Exception as exc:  # a bug must still end in one clear line, not a traceback
+            log.exception("ingest of %s failed", self.item.url)
+            return f"{self.item.url}: internal error: {exc!r} (run with -v for details)"
+        finally:
+            self.close_playlists()
+            self.source.close()
+
+    async def run(self, out: TextIO, progress: Progress) -> str | None:
+        """Scan to the end of the input (or a stop); the error line, if any."""
+        item = self.item
+        try:
+            opened, _ = await _unless_stopped(_in_thread(self.source.open, f"open-{item.task_id}"), self.stop)
+        except StreamGuardError as exc:
+            return exc.message
+        if not opened:
+            return None  # stopped while connecting: nothing was written yet
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ClosedSegment | None] = asyncio.Queue()
+
+        def emit(closed: ClosedSegment) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, closed)
+
+        def ingest() -> str | None:
+            try:
+                return self._ingest(emit)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        ingest_done = _in_thread(ingest, f"ingest-{item.task_id}")
+        assembler = RecordAssembler(item.task_id, self.opts, self.analyzer, MediaLocator(item.task_dir, None))
+        while (closed := await queue.get()) is not None:
+            record = await assembler.build(closed)
+            out.write(encoder.encode(record).decode() + "\n")
+            out.flush()
+            self.segments += 1
+            progress.segment(item.task_id, closed)
+        error = await ingest_done
+        if error:
+            return error
+        if self.segments == 0 and not self.stop.requested:
+            return f"{item.url}: no video frames could be read"
+        return None
+
+
+def _load_analyzer(settings: Settings, model_dir: str | None) -> "asyncio.Future[Analyzer]":
+    def load() -> Analyzer:
+        analyzer = Analyzer.create(settings, resolve_model_dir(settings, model_dir))
+        analyzer.prepare()
+        return analyzer
+    return _in_thread(load, "model-load")
+
+
+async def _run_inputs(scans: list[InputScan], stop: ScanStop, out: TextIO, progress: Progress) -> list[str | None]:
+    """Every input to its end; after a stop, at most STOP_GRACE_SECONDS more."""
+    runs = asyncio.gather(*(s.run(out, progress) for s in scans))
+    await _unless_stopped(runs, stop)
+    if runs.done():
+        return runs.result()
+    done, _ = await asyncio.wait({runs}, timeout=STOP_GRACE_SECONDS)
+    if done:
+        return runs.result()
+    runs.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runs  # let the cancelled inputs unwind
+    for s in scans:
+        if s.close_playlists():
+            log.warning("%s did not stop within %.1f s (its source is not answering); "
+                        "its last segment has no record", s.item.url, STOP_GRACE_SECONDS)
+    return [None] * len(scans)
 
 
 async def run_scan(urls: list[str], settings: Settings, opts: PipelineOptions, *, out_dir: Path | None,
                    model_dir: str | None, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
-    analyzer = None
     loop = asyncio.get_running_loop()
-    if opts.analyze:
-        try:
-            analyzer = await loop.run_in_executor(None, Analyzer.create, settings,
-                                                  resolve_model_dir(settings, model_dir))
-            await loop.run_in_executor(None, analyzer.prepare)
-        except StreamGuardError as exc:
-            stderr.write(f"streamguard: error: {exc.message}\n")
-            return 1
-    p = settings.pipeline
-    src_opts = SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads)
-    progress = Progress(stderr)
-    plans = plan_inputs(urls, out_dir, settings.data_dir)
+    stop = ScanStop()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for signum in handled:
+        loop.add_signal_handler(signum, stop.request, signum)
+    analyzer = None
     try:
-        with ThreadPoolExecutor(max_workers=max(2, len(plans)), thread_name_prefix="ingest") as pool:
-            errors = await asyncio.gather(*(
-                _scan_one(item, opts, src_opts, analyzer, pool, stdout, progress) for item in plans))
+        if opts.analyze:
+            try:
+                loading = _load_analyzer(settings, model_dir)
+                loaded, analyzer = await _unless_stopped(loading, stop)
+            except StreamGuardError as exc:
+                stderr.write(f"streamguard: error: {exc.message}\n")
+                return 1
+            if not loaded:
+                # ONNX Runtime cannot be left half-built in a thread at exit (the
+                # process would abort): the load finishes first, then the scan ends.
+                with contextlib.suppress(StreamGuardError):
+                    analyzer = await loading
+                return 128 + (stop.signum or signal.SIGINT)
+        p = settings.pipeline
+        src_opts = SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads)
+        progress = Progress(stderr)
+        scans = [InputScan(item, opts, src_opts, analyzer, stop) for item in plan_inputs(urls, out_dir, settings.data_dir)]
+        try:
+            errors = await _run_inputs(scans, stop, stdout, progress)
+        finally:
+            progress.done()
     finally:
-        progress.done()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
         if analyzer is not None:
-            analyzer.close()
+            analyzer.close()  # the batcher finishes what was submitted: ONNX Runtime must not run at exit
     failed = [e for e in errors if e]
     for error in failed:
         stderr.write(f"streamguard: error: {error}\n")
+    if stop.signum is not None:
+        return 128 + stop.signum
     return 1 if failed else 0

@@ -165,8 +165,9 @@ def _cause(reason: object) -> str:
 def _unreachable(url: str, reason: object) -> DownloadError:
     host = urllib.parse.urlsplit(url).netloc or url
     return DownloadError(
-        f"cannot reach {host} ({url}): {_cause(reason)} — pull needs internet access; "
-        f"copy a bundle directory and pass --model DIR instead",
+        f"cannot reach {host} ({url}): {_cause(reason)} — pull needs access to the model hub: "
+        f"use a mirror (--base-url URL or {HUB_URL_ENV}), copy a bundle directory and pass --model DIR, "
+        f"or build the test model with `streamguard models make-test DIR` (pipeline checks only)",
         details={"url": url})
 
 
