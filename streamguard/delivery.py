@@ -36,17 +36,12 @@ from aiohttp.resolver import ThreadedResolver
 from .config import DeliverySettings
 from .errors import InputInvalid
 from .metrics import Metrics
+from .schemas import STREAM_EVENTS
 from .store import AsyncStore, Store
 from .store.sqlite import DeliveryRow, OutboxItem, Project
 
 log = logging.getLogger(__name__)
 
-STREAM_EVENTS = ("stream.started", "stream.stopped", "stream.segment")
-EVENTS = STREAM_EVENTS + (
-    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
-    "moderation.started", "moderation.completed", "moderation.failed",
-    "categorization.started", "categorization.completed", "categorization.failed",
-)
 USER_AGENT = "streamguard-webhooks/1"
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from .analysis import Analyzer, resolve_model_dir
 from .config import Settings
+from .deliveries import DeliveryService
 from .delivery import DeliveryWorker
 from .metrics import Metrics
+from .projects import ProjectService
 from .store import AsyncStore, Store
 from .streams import StreamService
 
@@ -28,6 +30,8 @@ class Runtime:
     metrics: Metrics
     streams: StreamService
     delivery: DeliveryWorker
+    projects: ProjectService
+    deliveries: DeliveryService
     started_at: float
     _retention: asyncio.Task | None = None
 
@@ -53,7 +57,8 @@ class Runtime:
         if resumed:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
-        runtime = cls(settings, store, analyzer, metrics, streams, delivery, time.time())
+        runtime = cls(settings, store, analyzer, metrics, streams, delivery,
+                      ProjectService(store, settings.delivery), DeliveryService(store, delivery), time.time())
         runtime._retention = asyncio.create_task(runtime._retention_loop(), name="retention")
         return runtime
 

@@ -4,7 +4,8 @@ OpenAPI document). Field names follow CONTRACT.md exactly."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
 import msgspec
 from msgspec import Meta
@@ -97,7 +98,7 @@ def status_record(task_id: str, status: int, message: str) -> SegmentRecord:
 encoder = msgspec.json.Encoder()
 
 
-# --- HTTP API ----------------------------------------------------------------
+# --- shared ranges and names: the one home of each (config, CLI and API import them)
 
 Fps = Annotated[int, Meta(ge=1, le=30)]
 SegmentSeconds = Annotated[int, Meta(ge=1, le=60)]
@@ -105,10 +106,42 @@ Threshold = Annotated[float, Meta(ge=0, le=1)]
 MaxLogos = Annotated[int, Meta(ge=1, le=50)]
 
 
+def bounds(annotated: Any) -> tuple[Any, Any]:
+    """(ge, le) of a range declared above, for parsers that are not msgspec (the CLI)."""
+    meta = next(m for m in get_args(annotated)[1:] if isinstance(m, Meta))
+    return meta.ge, meta.le
+
+
+# Renditions this node writes (the presets of CONTRACT §5 come later).
+RENDITIONS = ("source",)
+
+# Live source URL prefixes accepted by POST /v1/streams.
+STREAM_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://", "http://", "https://")
+StreamUrl = Annotated[str, Meta(
+    min_length=1, max_length=4096, pattern="^(" + "|".join(re.escape(s) for s in STREAM_SCHEMES) + ")",
+    description="an rtmp://, rtmps://, rtsp://, rtsps:// or http(s):// (HLS) stream URL")]
+
+# Webhook and callback event names (CONTRACT §2, §4).
+StreamEvent = Literal["stream.started", "stream.stopped", "stream.segment"]
+EventName = Literal[
+    "stream.started", "stream.stopped", "stream.segment",
+    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
+    "moderation.started", "moderation.completed", "moderation.failed",
+    "categorization.started", "categorization.completed", "categorization.failed",
+]
+STREAM_EVENTS: tuple[str, ...] = get_args(StreamEvent)
+EVENTS: tuple[str, ...] = get_args(EventName)
+
+TaskState = Literal["starting", "running", "stopped"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+# --- HTTP API ----------------------------------------------------------------
+
 class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/streams."""
 
-    url: Annotated[str, Meta(min_length=1, max_length=4096)]
+    url: StreamUrl
     enable_content_moderation: bool = False
     enable_logo_detection: bool = False
     enable_categorization: bool = False
@@ -143,7 +176,7 @@ class TaskCounters(_Wire, kw_only=True):
 
 class StreamTask(_Wire, kw_only=True):
     task_id: str
-    state: str  # starting | running | stopped
+    state: TaskState
     status: int | None  # final status code once stopped
     message: str | None
     url: str
@@ -156,22 +189,56 @@ class StreamTask(_Wire, kw_only=True):
     stopped_at: str | None
 
 
-class Page(_Wire, kw_only=True):
-    items: list[Any]
+T = TypeVar("T")
+
+
+class Page(_Wire, Generic[T], kw_only=True):
+    items: list[T]
     total: int
     page: int
     pageSize: int
 
 
-class RecordPage(_Wire, kw_only=True):
-    items: list[msgspec.Raw]
+class RecordPage(_Wire, Generic[T], kw_only=True):
+    """Stored records: items are sent as stored (msgspec.Raw), documented as SegmentRecord."""
+
+    items: list[T]
     next_after: int | None
+
+
+# --- query strings: decoded into these (api.decode_query) and documented from them
+
+PageNumber = Annotated[int, Meta(ge=1, le=1_000_000)]
+PageSize = Annotated[int, Meta(ge=1, le=100)]
+
+
+class StreamListQuery(_Wire, kw_only=True):
+    """GET /v1/streams?state=&page=&pageSize=."""
+
+    state: TaskState | None = None
+    page: PageNumber = 1
+    pageSize: PageSize = 20
+
+
+class DeliveryListQuery(_Wire, kw_only=True):
+    """GET /v1/deliveries?status=&page=&pageSize=."""
+
+    status: DeliveryStatus | None = None
+    page: PageNumber = 1
+    pageSize: PageSize = 20
+
+
+class RecordQuery(_Wire, kw_only=True):
+    """GET /v1/streams/{task_id}/records?after=&limit=: records with segment_index > after."""
+
+    after: Annotated[int, Meta(ge=-1, le=2**31)] = -1
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
 
 
 class WebhookView(_Wire, kw_only=True):
     url: str | None
     secret: str
-    events: list[str]
+    events: list[EventName]
 
 
 class ProjectView(_Wire, kw_only=True):
@@ -204,16 +271,16 @@ class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
     absent subscribes to every event."""
 
     url: str | None
-    events: list[str] = []
+    events: list[EventName] = []
 
 
 class Delivery(_Wire, kw_only=True):
     id: str
     eventId: str
-    event: str
+    event: EventName
     url: str
     taskId: str | None
-    status: str  # pending | delivered | failed
+    status: DeliveryStatus
     attempts: int
     lastStatusCode: int | None
     lastError: str | None
