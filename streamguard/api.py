@@ -225,8 +225,8 @@ async def decode_json(request: web.Request, struct: type) -> Any:
 
 def decode_query(request: web.Request, struct: type) -> Any:
     """The query string as `struct` (see schemas: the same struct documents it in
-    /openapi.json). Empty values count as absent; unknown names are ignored."""
-    values = {k: v for k, v in request.query.items() if v != ""}
+    /openapi.json). Unknown names are ignored; of a repeated name the last counts."""
+    values = dict(request.query.items())
     try:
         return msgspec.convert(values, struct, strict=False)
     except msgspec.ValidationError as exc:
@@ -385,17 +385,17 @@ class Route:
     query: Any = None  # query string struct, decoded by the handler with decode_query
     auth: bool = True
     status: int = 200
-    content_type: str = "application/json"
+    content_types: tuple[str, ...] = ("application/json",)  # of the success reply
 
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", healthz, "Liveness", auth=False),
     Route("GET", "/readyz", readyz, "Readiness: model loaded, store writable, not draining", auth=False),
     Route("GET", "/metrics", metrics, "Prometheus metrics (text format)", auth=False,
-          content_type="text/plain"),
+          content_types=("text/plain",)),
     Route("GET", "/openapi.json", openapi, "This document", auth=False),
     Route("GET", "/media/{path:.+}", media, "HLS playlists, segments and thumbnails the daemon wrote",
-          auth=False, content_type="application/octet-stream"),
+          auth=False, content_types=("application/vnd.apple.mpegurl", "video/mp2t", "image/jpeg")),
     Route("POST", "/v1/streams", start_stream, "Start moderating a live stream", StreamRequest, StreamStarted),
     Route("GET", "/v1/streams", list_streams, "List stream tasks, newest first", None, Page[StreamTask],
           StreamListQuery),
@@ -475,8 +475,8 @@ def build_openapi() -> dict[str, Any]:
 
 def _success(r: Route) -> dict[str, Any]:
     if r.response is None:
-        schema: dict[str, Any] = {"type": "string"} if r.content_type != "application/json" else {}
-        return {"description": "success", "content": {r.content_type: {"schema": schema}}}
+        return {"description": "success", "content": {
+            t: {"schema": {} if t == "application/json" else {"type": "string"}} for t in r.content_types}}
     (ref,), _ = msgspec.json.schema_components([r.response], ref_template="#/components/schemas/{name}")
     if r.response not in BARE_REPLIES:
         ref = {"type": "object", "required": ["success", "data"],

@@ -16,7 +16,8 @@ class DeliveryService:
         self.worker = worker
 
     async def list_deliveries(self, principal: Principal, query: DeliveryListQuery) -> tuple[list[DeliveryRow], int]:
-        return await self.store(Store.deliveries, principal.project_id, query.status, query.page, query.pageSize)
+        return await self.store(Store.deliveries, principal.project_id, query.status or None, query.page,
+                                query.pageSize)
 
     async def retry(self, principal: Principal, delivery_id: str) -> DeliveryRow:
         """Send a delivery again (failed ones included), from a fresh attempt count."""

@@ -106,7 +106,11 @@ def _blocked(address: str) -> bool:
 async def validate_url(url: str, field: str, allow_private: bool) -> str:
     """A callback/webhook URL must be http(s), carry no credentials and (unless
     the operator allows it) resolve only to public addresses."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a bad IPv6 literal or port
+        raise InputInvalid(f"{field} is not a valid URL", details={"field": field}) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputInvalid(f"{field} must be an http:// or https:// URL", details={"field": field})
     if parts.username or parts.password:
@@ -115,9 +119,8 @@ async def validate_url(url: str, field: str, allow_private: bool) -> str:
         return url
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                       type=socket.SOCK_STREAM)
-    except OSError:
+        infos = await loop.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # UnicodeError: a host name IDNA cannot encode
         raise InputInvalid(f"{field} host {parts.hostname} cannot be resolved", details={"field": field}) from None
     blocked = next((info[4][0] for info in infos if _blocked(info[4][0])), None)
     if blocked is not None:

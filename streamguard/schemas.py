@@ -8,7 +8,7 @@ import re
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 
 class _Wire(msgspec.Struct, kw_only=True):
@@ -112,7 +112,9 @@ def bounds(annotated: Any) -> tuple[Any, Any]:
     return meta.ge, meta.le
 
 
-# Renditions this node writes (the presets of CONTRACT §5 come later).
+# Rendition names of the contract (CONTRACT §2, §5), and those this node writes
+# (the presets come later: asked for, they are refused with 422, never ignored).
+Rendition = Literal["source", "360p", "480p", "720p", "1080p"]
 RENDITIONS = ("source",)
 
 # Live source URL prefixes accepted by POST /v1/streams.
@@ -120,6 +122,9 @@ STREAM_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://", "http://", "http
 StreamUrl = Annotated[str, Meta(
     min_length=1, max_length=4096, pattern="^(" + "|".join(re.escape(s) for s in STREAM_SCHEMES) + ")",
     description="an rtmp://, rtmps://, rtsp://, rtsps:// or http(s):// (HLS) stream URL")]
+# Callback and webhook URLs (their addresses are checked by delivery.validate_url).
+HttpUrl = Annotated[str, Meta(min_length=1, max_length=4096, pattern="^https?://",
+                              description="an http:// or https:// URL")]
 
 # Webhook and callback event names (CONTRACT §2, §4).
 StreamEvent = Literal["stream.started", "stream.stopped", "stream.segment"]
@@ -149,8 +154,8 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     max_logos: MaxLogos = 5
     segment_seconds: SegmentSeconds = 5
     threshold: Threshold = 0.30
-    renditions: Annotated[list[str], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["source"])
-    callback_url: str | None = None
+    renditions: Annotated[list[Rendition], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["source"])
+    callback_url: HttpUrl | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -206,7 +211,8 @@ class RecordPage(_Wire, Generic[T], kw_only=True):
     next_after: int | None
 
 
-# --- query strings: decoded into these (api.decode_query) and documented from them
+# --- query strings: decoded into these (api.decode_query) and documented from them.
+# An optional filter is UNSET when absent: "" or "null" are not a value for it.
 
 PageNumber = Annotated[int, Meta(ge=1, le=1_000_000)]
 PageSize = Annotated[int, Meta(ge=1, le=100)]
@@ -215,7 +221,7 @@ PageSize = Annotated[int, Meta(ge=1, le=100)]
 class StreamListQuery(_Wire, kw_only=True):
     """GET /v1/streams?state=&page=&pageSize=."""
 
-    state: TaskState | None = None
+    state: TaskState | UnsetType = UNSET
     page: PageNumber = 1
     pageSize: PageSize = 20
 
@@ -223,7 +229,7 @@ class StreamListQuery(_Wire, kw_only=True):
 class DeliveryListQuery(_Wire, kw_only=True):
     """GET /v1/deliveries?status=&page=&pageSize=."""
 
-    status: DeliveryStatus | None = None
+    status: DeliveryStatus | UnsetType = UNSET
     page: PageNumber = 1
     pageSize: PageSize = 20
 
@@ -270,7 +276,7 @@ class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
     """PUT /v1/project/webhook. url null removes the webhook; events empty or
     absent subscribes to every event."""
 
-    url: str | None
+    url: HttpUrl | None
     events: list[EventName] = []
 
 

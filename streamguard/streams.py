@@ -133,8 +133,8 @@ class StreamService:
         return row
 
     async def list_tasks(self, principal: Principal, query: StreamListQuery) -> tuple[list[TaskRow], int]:
-        return await self.store(Store.list_tasks, principal.project_id, "stream", query.state, query.page,
-                                query.pageSize)
+        return await self.store(Store.list_tasks, principal.project_id, "stream", query.state or None,
+                                query.page, query.pageSize)
 
     async def records(self, principal: Principal, task_id: str,
                       query: RecordQuery) -> tuple[TaskRow, list[tuple[int, bytes]]]:
