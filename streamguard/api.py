@@ -362,7 +362,7 @@ async def media(request: web.Request) -> web.StreamResponse:
 def media_file(root: Path, name: str) -> Path | None:
     """The regular file `name` names under `root`, or None: nothing outside the root,
     no directories, no symlinks out of it."""
-    if PurePosixPath(name).is_absolute() or "\\" in name:
+    if PurePosixPath(name).is_absolute():
         return None
     base = root.resolve()
     try:
