@@ -87,11 +87,13 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure(level: int, stream: TextIO = sys.stderr) -> None:
-    """The process's logging: one stderr handler with the SafeFormatter."""
+    """The process's logging: one stderr handler with the SafeFormatter. Like
+    logging.basicConfig, it leaves logging alone when the root logger already
+    has handlers (an embedding application's, pytest's)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler(stream)
     handler.setFormatter(SafeFormatter(FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

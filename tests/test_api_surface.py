@@ -194,3 +194,12 @@ def test_log_formatter_keeps_every_record_on_its_own_lines():
     lines = text.rstrip("\n").split("\n")
     assert lines[0].endswith("failed") and all(line.startswith("  ") for line in lines[1:]), text
     assert "\x1b" not in text and "\\x1b" in text
+
+
+@pytest.mark.parametrize("url", ["http://[7::zz", "http://example.com:99999/", "http://" + "a" * 70 + ".com/"])
+def test_unparsable_callback_and_webhook_urls_are_400_not_500(daemon, key, url):
+    """Found by the Schemathesis run: a bad IPv6 literal or port made urlsplit raise (500)."""
+    for reply in (daemon.call("PUT", "/v1/project/webhook", {"url": url}, key=key),
+                  daemon.call("POST", "/v1/streams", {"url": "rtmp://127.0.0.1/live/x", "callback_url": url},
+                              key=key)):
+        assert reply.status == 400 and reply.error["code"] == "STREAMGUARD_INPUT_INVALID", reply.body
