@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from daemon import Daemon, request
+from daemon import Daemon
 from live_servers import closed_port
 
 ENVELOPE_KEYS = {"success", "error", "timestamp", "path"}
