@@ -191,9 +191,15 @@ def source_admission(settings: SourcesSettings) -> Callable[[str], None]:
 
 def callback_form_problem(url: str, field: str) -> str | None:
     """What is wrong with a callback/webhook URL's form (scheme, host, credentials), or None."""
-    if hostname(url) is None or urlsplit(url).scheme not in ("http", "https"):
+    host = hostname(url)
+    if host is None or urlsplit(url).scheme not in ("http", "https"):
         return f"{field} must be an http:// or https:// URL"
     parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+        host.encode("idna")
+    except (ValueError, UnicodeError):  # a bad port, or a name IDNA cannot encode
+        return f"{field} is not a valid URL"
     if parts.username or parts.password:
         return f"{field} must not contain credentials"
     return None

@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import __version__
+from . import __version__, logsafe
 from .config import Settings, load_settings
 from .errors import NotFound as NotFoundError
 from .errors import StreamGuardError
+from .schemas import RENDITIONS, Fps, SegmentSeconds, Threshold, bounds
 
 if TYPE_CHECKING:
     from .store import Store
-
-RENDITIONS = ("source",)
 
 
 def _ranged_int(lo: int, hi: int) -> Callable[[str], int]:
@@ -34,14 +33,16 @@ def _ranged_int(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
+def _ranged_float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
+        return value
+    return parse
 
 
 def _renditions(text: str) -> list[str]:
@@ -71,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = sub.add_parser("scan", help="run the segment pipeline on files or stream URLs, print records")
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help="video file path or stream URL")
-    scan.add_argument("--segment-seconds", type=_ranged_int(1, 60), default=None, help="segment length (5)")
-    scan.add_argument("--fps", type=_ranged_int(1, 30), default=None, help="frames sampled per second (1)")
-    scan.add_argument("--threshold", type=_unit_float, default=None, help="violation threshold (0.30)")
+    scan.add_argument("--segment-seconds", type=_ranged_int(*bounds(SegmentSeconds)), default=None,
+                      help="segment length (5)")
+    scan.add_argument("--fps", type=_ranged_int(*bounds(Fps)), default=None,
+                      help="frames sampled per second (1)")
+    scan.add_argument("--threshold", type=_ranged_float(*bounds(Threshold)), default=None, help="violation threshold (0.30)")
     scan.add_argument("--out", metavar="DIR", type=Path, help="HLS output folder")
     scan.add_argument("--moderate", action="store_true", help="run content moderation")
     scan.add_argument("--renditions", type=_renditions, default=["source"],
@@ -236,8 +239,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logsafe.configure(logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except StreamGuardError as exc:

@@ -18,14 +18,12 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
+from .schemas import Fps, SegmentSeconds, Threshold
 
 ENV_PREFIX = "STREAMGUARD_"
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PosFloat = Annotated[float, Meta(gt=0)]
-Fps = Annotated[int, Meta(ge=1, le=30)]
-SegmentSeconds = Annotated[int, Meta(ge=1, le=60)]
-Threshold = Annotated[float, Meta(ge=0, le=1)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -37,6 +35,8 @@ class ServerSettings(_Section, kw_only=True):
     port: Port = 8080
     # Public base URL used in video_url/playlist_url; empty = http://host:port.
     public_url: str = ""
+    # Log one line per HTTP request (logger streamguard.access), whatever the log level.
+    access_log: bool = False
 
 
 class StorageSettings(_Section, kw_only=True):

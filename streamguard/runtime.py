@@ -12,9 +12,11 @@ from pathlib import Path
 
 from .analysis import Analyzer, resolve_model_dir
 from .config import Settings
+from .deliveries import DeliveryService
 from .delivery import DeliveryWorker
 from .media.retention import DiskSpace, MediaRetention
 from .metrics import Metrics
+from .projects import ProjectService
 from .store import AsyncStore, Store
 from .streams import StreamService
 
@@ -51,6 +53,8 @@ class Runtime:
     metrics: Metrics
     streams: StreamService
     delivery: DeliveryWorker
+    projects: ProjectService
+    deliveries: DeliveryService
     started_at: float
     disk: DiskSpace
     retention: MediaRetention
@@ -80,8 +84,9 @@ class Runtime:
         if resumed:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
-        runtime = cls(settings, store, analyzer, metrics, streams, delivery, time.time(), disk, retention,
-                      model_error)
+        runtime = cls(settings, store, analyzer, metrics, streams, delivery,
+                      ProjectService(store, settings.delivery), DeliveryService(store, delivery), time.time(),
+                      disk, retention, model_error)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
         return runtime
 

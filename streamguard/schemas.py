@@ -4,10 +4,11 @@ OpenAPI document). Field names follow CONTRACT.md exactly."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 
 class _Wire(msgspec.Struct, kw_only=True):
@@ -97,14 +98,7 @@ def status_record(task_id: str, status: int, message: str) -> SegmentRecord:
 encoder = msgspec.json.Encoder()
 
 
-# --- HTTP API ----------------------------------------------------------------
-
-STREAM_EVENTS = ("stream.started", "stream.stopped", "stream.segment")
-EVENTS = STREAM_EVENTS + (
-    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
-    "moderation.started", "moderation.completed", "moderation.failed",
-    "categorization.started", "categorization.completed", "categorization.failed",
-)
+# --- shared ranges and names: the one home of each (config, CLI and API import them)
 
 # `metadata` is stored with the task and echoed in every event and read: keep it small.
 METADATA_MAX_BYTES = 16 * 1024  # JSON-encoded
@@ -159,10 +153,47 @@ Threshold = Annotated[float, Meta(ge=0, le=1)]
 MaxLogos = Annotated[int, Meta(ge=1, le=50)]
 
 
+def bounds(annotated: Any) -> tuple[Any, Any]:
+    """(ge, le) of a range declared above, for parsers that are not msgspec (the CLI)."""
+    meta = next(m for m in get_args(annotated)[1:] if isinstance(m, Meta))
+    return meta.ge, meta.le
+
+
+# Rendition names of the contract (CONTRACT §2, §5), and those this node writes
+# (the presets come later: asked for, they are refused with 422, never ignored).
+Rendition = Literal["source", "360p", "480p", "720p", "1080p"]
+RENDITIONS = ("source",)
+
+# Live source URL prefixes accepted by POST /v1/streams.
+STREAM_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://", "http://", "https://")
+StreamUrl = Annotated[str, Meta(
+    min_length=1, max_length=4096, pattern="^(" + "|".join(re.escape(s) for s in STREAM_SCHEMES) + ")",
+    description="an rtmp://, rtmps://, rtsp://, rtsps:// or http(s):// (HLS) stream URL")]
+# Callback and webhook URLs (their addresses are checked by addresses.validate_callback_url).
+HttpUrl = Annotated[str, Meta(min_length=1, max_length=4096, pattern="^https?://",
+                              description="an http:// or https:// URL")]
+
+# Webhook and callback event names (CONTRACT §2, §4).
+StreamEvent = Literal["stream.started", "stream.stopped", "stream.segment"]
+EventName = Literal[
+    "stream.started", "stream.stopped", "stream.segment",
+    "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
+    "moderation.started", "moderation.completed", "moderation.failed",
+    "categorization.started", "categorization.completed", "categorization.failed",
+]
+STREAM_EVENTS: tuple[str, ...] = get_args(StreamEvent)
+EVENTS: tuple[str, ...] = get_args(EventName)
+
+TaskState = Literal["starting", "running", "stopped"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+# --- HTTP API ----------------------------------------------------------------
+
 class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/streams."""
 
-    url: Annotated[str, Meta(min_length=1, max_length=4096)]
+    url: StreamUrl
     enable_content_moderation: bool = False
     enable_logo_detection: bool = False
     enable_categorization: bool = False
@@ -170,9 +201,9 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     max_logos: MaxLogos = 5
     segment_seconds: SegmentSeconds = 5
     threshold: Threshold = 0.30
-    renditions: Annotated[list[str], Meta(min_length=1, max_length=8)] = msgspec.field(
-        default_factory=lambda: ["source"])  # max: room for every preset (source + 4 today)
-    callback_url: Annotated[str, Meta(max_length=4096)] | None = None
+    renditions: Annotated[list[Rendition], Meta(min_length=1, max_length=len(get_args(Rendition)))] = msgspec.field(
+        default_factory=lambda: ["source"])
+    callback_url: HttpUrl | None = None
     metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
 
     def __post_init__(self) -> None:
@@ -202,7 +233,7 @@ class TaskCounters(_Wire, kw_only=True):
 
 class StreamTask(_Wire, kw_only=True):
     task_id: str
-    state: str  # starting | running | stopped
+    state: TaskState
     status: int | None  # final status code once stopped
     message: str | None
     url: str
@@ -215,22 +246,57 @@ class StreamTask(_Wire, kw_only=True):
     stopped_at: str | None
 
 
-class Page(_Wire, kw_only=True):
-    items: list[Any]
+T = TypeVar("T")
+
+
+class Page(_Wire, Generic[T], kw_only=True):
+    items: list[T]
     total: int
     page: int
     pageSize: int
 
 
-class RecordPage(_Wire, kw_only=True):
-    items: list[msgspec.Raw]
+class RecordPage(_Wire, Generic[T], kw_only=True):
+    """Stored records: items are sent as stored (msgspec.Raw), documented as SegmentRecord."""
+
+    items: list[T]
     next_after: int | None
+
+
+# --- query strings: decoded into these (api.decode_query) and documented from them.
+# An optional filter is UNSET when absent: "" or "null" are not a value for it.
+
+PageNumber = Annotated[int, Meta(ge=1, le=1_000_000)]
+PageSize = Annotated[int, Meta(ge=1, le=100)]
+
+
+class StreamListQuery(_Wire, kw_only=True):
+    """GET /v1/streams?state=&page=&pageSize=."""
+
+    state: TaskState | UnsetType = UNSET
+    page: PageNumber = 1
+    pageSize: PageSize = 20
+
+
+class DeliveryListQuery(_Wire, kw_only=True):
+    """GET /v1/deliveries?status=&page=&pageSize=."""
+
+    status: DeliveryStatus | UnsetType = UNSET
+    page: PageNumber = 1
+    pageSize: PageSize = 20
+
+
+class RecordQuery(_Wire, kw_only=True):
+    """GET /v1/streams/{task_id}/records?after=&limit=: records with segment_index > after."""
+
+    after: Annotated[int, Meta(ge=-1, le=2**31)] = -1
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
 
 
 class WebhookView(_Wire, kw_only=True):
     url: str | None
     secret: str
-    events: list[str]
+    events: list[EventName]
 
 
 class ProjectView(_Wire, kw_only=True):
@@ -262,8 +328,8 @@ class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
     """PUT /v1/project/webhook. url null removes the webhook; events empty or
     absent subscribes to every event."""
 
-    url: Annotated[str, Meta(max_length=4096)] | None
-    events: Annotated[list[str], Meta(max_length=len(EVENTS), description="each event at most once")] = []
+    url: HttpUrl | None
+    events: Annotated[list[EventName], Meta(max_length=len(EVENTS), description="each event at most once")] = []
 
     def __post_init__(self) -> None:
         check_unique("events", self.events)
@@ -272,10 +338,10 @@ class WebhookUpdate(_Wire, kw_only=True, forbid_unknown_fields=True):
 class Delivery(_Wire, kw_only=True):
     id: str
     eventId: str
-    event: str
+    event: EventName
     url: str
     taskId: str | None
-    status: str  # pending | delivered | failed
+    status: DeliveryStatus
     attempts: int
     lastStatusCode: int | None
     lastError: str | None

@@ -8,19 +8,33 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 from aiohttp import web
 
-from .api import create_app
+from .api import ApiRunner, create_app
 from .config import Settings
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
+
+
+def access_log(settings: Settings) -> dict[str, Any]:
+    """Runner arguments for the access log (server.access_log): its own logger at
+    INFO, so it shows whatever the process's log level; escaped like every line."""
+    if not settings.server.access_log:
+        return {"access_log": None}
+    logger = logging.getLogger("streamguard.access")
+    logger.setLevel(logging.INFO)
+    return {"access_log": logger, "access_log_format": ACCESS_LOG_FORMAT}
+
+
 async def serve(settings: Settings, model_dir: str | None = None) -> int:
     runtime = await Runtime.create(settings, model_dir)
-    runner = web.AppRunner(create_app(runtime), access_log=None, handle_signals=False)
+    runner = ApiRunner(create_app(runtime), handle_signals=False, **access_log(settings))
     await runner.setup()
     host, port = settings.server.host, settings.server.port
     site = web.TCPSite(runner, host, port, reuse_address=True)

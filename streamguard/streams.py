@@ -31,15 +31,14 @@ from .media.retention import DiskSpace
 from .media.source import SourceOptions
 from .metrics import Metrics
 from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
-from .schemas import (STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, SegmentRecord,
-                      StreamRequest, encoder, status_record)
+from .schemas import (RENDITIONS, STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
+                      RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, encoder, status_record)
 from .store import AsyncStore
 from .store.sqlite import InsufficientBalance as StoreInsufficientBalance
 from .store.sqlite import KeyRevoked, OutboxItem, Principal, Store, TaskRow, new_id
 
 log = logging.getLogger(__name__)
 
-STREAM_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://", "http://", "https://")
 
 
 # Closed segments the ingest thread may hand over before it waits for the
@@ -128,7 +127,7 @@ def validate_stream_request(req: StreamRequest) -> None:
     if req.enable_categorization:
         raise FeatureUnavailable("categorization is not available on this node yet",
                                  details={"field": "enable_categorization"})
-    unknown = [r for r in req.renditions if r != "source"]
+    unknown = [r for r in req.renditions if r not in RENDITIONS]
     if unknown:
         raise FeatureUnavailable(f"renditions {', '.join(unknown)} are not available on this node yet; "
                                  f"use [\"source\"]", details={"field": "renditions"})
@@ -212,6 +211,17 @@ class StreamService:
         if end is not None and row.state != "stopped":
             row.state, row.final_status, row.final_message = "stopped", end.status, end.message
         return row
+
+    async def list_tasks(self, principal: Principal, query: StreamListQuery) -> tuple[list[TaskRow], int]:
+        return await self.store(Store.list_tasks, principal.project_id, "stream", query.state or None,
+                                query.page, query.pageSize)
+
+    async def records(self, principal: Principal, task_id: str,
+                      query: RecordQuery) -> tuple[TaskRow, list[tuple[int, bytes]]]:
+        """The task (as read before its records, so a stopped state means no more will come) and
+        its stored records (segment_index, body) after `query.after`, oldest first."""
+        row = await self.get(principal, task_id)
+        return row, await self.store(Store.records, row.id, query.after, query.limit)
 
     def playlist_url(self, task_id: str) -> str:
         return f"{self.public_url}/media/{task_id}/master.m3u8"

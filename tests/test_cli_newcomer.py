@@ -91,7 +91,16 @@ def test_readme_links_nothing_outside_the_repo() -> None:
     readme = (REPO / "README.md").read_text()
     assert not re.search(r"(^|[\s`(\[])\.\./", readme), "a path outside the repository"
     for target in re.findall(r"\]\(([^)]+)\)", readme):
+        if target.startswith("#"):  # a section of the README itself
+            assert re.search(rf"^#+ .*", readme, re.M) and target[1:] in _anchors(readme), target
+            continue
         assert target.startswith(("http://", "https://")) or (REPO / target).exists(), target
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for the headings of a markdown text."""
+    headings = re.findall(r"^#+ (.*)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
 
 
 def test_serve_logs_its_absolute_data_dir(test_bundle: Path, tmp_path: Path) -> None:
