@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -262,6 +264,14 @@ def entry() -> None:
     except KeyboardInterrupt:
         status = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        # An input abandoned mid-read (a silent source) leaves its thread inside
+        # FFmpeg; finalizing the interpreter under it can crash (SIGSEGV), so
+        # leave without finalizing once our output is out.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
