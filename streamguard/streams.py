@@ -226,6 +226,8 @@ class StreamService:
             self.metrics.record_queue_depth.dec()
             self.metrics.frames_decoded.inc(closed.frames_decoded)
             self.metrics.frames_sampled.inc(len(closed.frames))
+            for kind, count in closed.repairs.items():
+                self.metrics.packets_repaired.labels(kind).inc(count)
             if task.discard:  # cut before the stop took effect: not paid, not sent
                 for _, fut in closed.frames:
                     fut.cancel()

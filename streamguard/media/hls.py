@@ -5,6 +5,12 @@ The `source` rendition is a remux: packets are copied into one MPEG-TS file
 per moderation segment, so HLS segments and moderation segments are the same
 cut. The media playlist is rewritten atomically after each segment, so a live
 player always sees a valid, growing playlist; `#EXT-X-ENDLIST` closes it.
+
+The remux repairs what MPEG-TS refuses: a decode timestamp that does not
+increase (a looping publisher repeats one at each loop point) is moved to one
+tick after the last, and a presentation timestamp before its decode timestamp
+is moved up to it; each repair is counted (`repairs`). A packet the muxer still
+refuses is dropped and counted; the segment goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+TS_HZ = 90000  # MPEG-TS timestamps are 90 kHz ticks
+TS_TIME_BASE = Fraction(1, TS_HZ)
+
+REPAIR_DTS = "dts"  # non-increasing decode timestamp moved forward
+REPAIR_PTS = "pts"  # presentation timestamp before the decode timestamp moved up
+REPAIR_DROPPED = "dropped"  # packet the muxer refused, left out of the segment
+
+
 def segment_name(index: int) -> str:
     return f"segment_{index:03d}.ts"
 
@@ -36,6 +50,7 @@ class PlaylistEntry:
     duration: float
     size: int
     discontinuity: bool = False
+    independent: bool = True  # starts with a keyframe
 
 
 def _avc_codec_string(extradata: bytes | None) -> str | None:
@@ -72,6 +87,11 @@ class SourceRendition:
         self._map: dict[int, av.stream.Stream] = {}
         self._next = next_index
         self._discontinuity = False
+        self._independent = True
+        # per input stream index: (slot, time-base numerator x 90 kHz, denominator)
+        self._ts_scale: dict[int, tuple[int, int, int]] = {}
+        self._last_dts: list[int | None] = [None, None]  # per slot (video, audio), 90 kHz
+        self.repairs: dict[str, int] = {REPAIR_DTS: 0, REPAIR_PTS: 0, REPAIR_DROPPED: 0}
         self.video_in: av.video.stream.VideoStream | None = None
         self.audio_in: av.audio.stream.AudioStream | None = None
         self.width = self.height = 0
@@ -104,7 +124,23 @@ class SourceRendition:
         the next segment is marked as a discontinuity when the source changed."""
         self.video_in, self.audio_in = video, audio
         self.width, self.height = video.codec_context.width, video.codec_context.height
-        self._discontinuity = discontinuity
+        self._discontinuity = self._discontinuity or discontinuity
+        self._last_dts = [None, None]  # a new connection starts a new run of timestamps
+        self._ts_scale = {}
+        for slot, stream in enumerate((video, audio)):
+            if stream is not None:
+                tb = stream.time_base
+                self._ts_scale[stream.index] = (slot, tb.numerator * TS_HZ, tb.denominator)
+
+    def mark_discontinuity(self) -> None:
+        """The open segment follows a timestamp jump (encoder restart, spliced
+        input): its playlist entry gets #EXT-X-DISCONTINUITY."""
+        self._discontinuity = True
+
+    def mark_dependent(self) -> None:
+        """The open segment starts without a keyframe (a cut forced by the
+        segment cap): it needs the one before it to decode."""
+        self._independent = False
 
     def _open_segment(self) -> None:
         self._out = av.open(str(self.dir / segment_name(self._next)), mode="w", format="mpegts")
@@ -114,20 +150,44 @@ class SourceRendition:
                 self._map[stream.index] = self._out.add_stream_from_template(stream)
 
     def write(self, packet: av.Packet, *, copy: bool = False) -> None:
-        """Mux one packet. Muxing rescales the packet and takes its data, so a
-        packet someone still holds (the sampler, for a later lazy decode) must
-        be muxed as a copy."""
+        """Mux one packet, repairing its timestamps for MPEG-TS (see the module
+        doc). Muxing takes the packet's data and rescales it, so a packet
+        someone still holds (the sampler, for a later lazy decode) must be
+        muxed as a copy."""
         if self._out is None:
             self._open_segment()
         assert self._out is not None
-        out_stream = self._map[packet.stream.index]
+        index = packet.stream.index
+        out_stream = self._map[index]
+        pts, dts, duration = packet.pts, packet.dts, packet.duration
         if copy:
             dup = av.Packet(packet)
-            dup.pts, dup.dts, dup.duration = packet.pts, packet.dts, packet.duration
-            dup.time_base, dup.is_keyframe = packet.time_base, packet.is_keyframe
+            dup.is_keyframe = packet.is_keyframe
             packet = dup
+        slot, num, den = self._ts_scale[index]
+        if dts is None:
+            dts = pts
+        # 90 kHz ticks, rounded to nearest as FFmpeg's rescale does
+        pts = (2 * pts * num + den) // (2 * den)
+        dts = (2 * dts * num + den) // (2 * den)
+        last = self._last_dts[slot]
+        if last is not None and dts <= last:
+            dts = last + 1
+            self.repairs[REPAIR_DTS] += 1
+        if pts < dts:
+            pts = dts
+            self.repairs[REPAIR_PTS] += 1
+        packet.time_base = TS_TIME_BASE
+        packet.pts, packet.dts = pts, dts
+        if duration:
+            packet.duration = (2 * duration * num + den) // (2 * den)
         packet.stream = out_stream
-        self._out.mux(packet)
+        try:
+            self._out.mux(packet)
+        except av.error.FFmpegError:
+            self.repairs[REPAIR_DROPPED] += 1
+            return
+        self._last_dts[slot] = dts
 
     def close_segment(self, segment: Segment) -> None:
         if self._out is None:
@@ -137,8 +197,9 @@ class SourceRendition:
         self._next = segment.index + 1
         path = self.dir / segment_name(segment.index)
         self.entries.append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size,
-                                          self._discontinuity))
+                                          self._discontinuity, self._independent))
         self._discontinuity = False
+        self._independent = True
         self.write_playlist(ended=False)
 
     def abort(self) -> None:
@@ -158,7 +219,9 @@ class SourceRendition:
         target = max(self.segment_seconds, math.ceil(longest))
         lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{target}",
                  f"#EXT-X-MEDIA-SEQUENCE:{self.entries[0].index if self.entries else 0}",
-                 "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]
+                 "#EXT-X-PLAYLIST-TYPE:EVENT"]
+        if all(e.independent for e in self.entries):
+            lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
         for e in self.entries:
             if e.discontinuity:
                 lines.append("#EXT-X-DISCONTINUITY")
@@ -168,15 +231,26 @@ class SourceRendition:
         atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
 
 
-def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None) -> None:
-    lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-INDEPENDENT-SEGMENTS"]
-    for r in renditions:
+def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None) -> bool:
+    """Write the master playlist over the renditions that have a playlist to
+    point at; none yet (a task that never got video): no master. Attributes
+    not known (no dimensions from the source) are left out, never guessed."""
+    ready = [r for r in renditions if (r.dir / "playlist.m3u8").exists()]
+    if not ready:
+        return False
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3"]
+    if all(e.independent for r in ready for e in r.entries):
+        lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
+    for r in ready:
         bandwidth = r.peak_bandwidth() or 1_000_000  # estimate until a segment is measured
-        attrs = [f"BANDWIDTH={bandwidth}", f"RESOLUTION={r.width}x{r.height}"]
+        attrs = [f"BANDWIDTH={bandwidth}"]
+        if r.width > 0 and r.height > 0:
+            attrs.append(f"RESOLUTION={r.width}x{r.height}")
         if codecs:
             attrs.append(f'CODECS="{codecs}"')
         lines += [f"#EXT-X-STREAM-INF:{','.join(attrs)}", f"{r.name}/playlist.m3u8"]
     atomic_write(task_dir / "master.m3u8", "\n".join(lines) + "\n")
+    return True
 
 
 def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640) -> None:
