@@ -173,8 +173,9 @@ class SourceRendition:
         last = self._last_dts[slot]
         if last is not None and dts <= last:
             dts = last + 1
+            pts = max(pts, dts)
             self.repairs[REPAIR_DTS] += 1
-        if pts < dts:
+        elif pts < dts:
             pts = dts
             self.repairs[REPAIR_PTS] += 1
         packet.time_base = TS_TIME_BASE
