@@ -195,6 +195,30 @@ def test_source_absorbs_a_timestamp_jump_into_one_timeline(tmp_path, offset_b):
     assert abs((video[-1] - video[0]) - (11 * FPS - 1) * FRAME) < 1e-3  # 11 s of frames, no gap, no overlap
 
 
+def test_a_gap_in_the_audio_alone_is_kept_not_taken_for_a_jump(tmp_path):
+    src = make_video(tmp_path / "v.mp4", seconds=20, gop=FPS)
+    gapped = tmp_path / "gap.ts"
+    with av.open(str(src)) as inp, av.open(str(gapped), "w", format="mpegts") as out:
+        v, a = inp.streams.video[0], inp.streams.audio[0]
+        outs = {v.index: out.add_stream_from_template(v), a.index: out.add_stream_from_template(a)}
+        for p in inp.demux(v, a):
+            if p.size and not (p.stream is a and 4 <= p.pts * a.time_base < 16):  # 12 s without audio
+                p.stream = outs[p.stream.index]
+                out.mux(p)
+    source = MediaSource(str(gapped), SourceOptions())
+    source.open()
+    audio = []
+    try:
+        for p in source.packets():
+            if p.stream.type == "audio":
+                audio.append(float(p.pts * p.time_base - TIMELINE_OFFSET))
+    finally:
+        source.close()
+    assert source.jumps == 0
+    resumed = next(t for t in audio if t > 4)
+    assert abs(resumed - 16) < 0.05, resumed  # still in sync with the video
+
+
 # --------------------------------------------------------------------------- end to end: scan
 
 

@@ -12,7 +12,9 @@ clock that leaps or an MPEG-TS/RTMP timestamp wrap make a stream's decode
 timestamps go back, or forward by more than a gap a real stream has. Such a
 jump is absorbed here: every stream's offset moves so that the packet lands
 one packet after the last one, and `jumps` counts it, so that everything
-downstream (segmenter, sampler, remux) sees one continuous timeline. Small
+downstream (segmenter, sampler, remux) sees one continuous timeline. A stream
+that comes back level with the others after a gap of its own (audio after
+silence was not sent) has not jumped: its gap is kept. Small
 steps back (a looping publisher repeats an audio timestamp) are left to the
 remux, which repairs them packet by packet.
 """
@@ -151,7 +153,7 @@ class MediaSource:
         last = track.last
         if last is not None:
             delta = t - last
-            if delta < -track.back or delta > track.forward:
+            if delta < -track.back or delta > track.forward and self._ahead_of_all(track, t):
                 self._jump(packet, track, t - (last + track.step))
                 t = ts - track.base
             elif delta > 0:
@@ -163,6 +165,14 @@ class MediaSource:
             packet.pts -= track.base
         if packet.dts is not None:
             packet.dts = t
+
+    def _ahead_of_all(self, track: _Track, t: int) -> bool:
+        """Whether a stream that leapt forward also left every other stream
+        behind: audio resuming after a gap in it comes back level with the
+        video, and that is a gap to keep, not a jump."""
+        seconds = float(t * track.tb)
+        return all(seconds - float(other.last * other.tb) > FORWARD_JUMP
+                   for other in self._tracks.values() if other is not track and other.last is not None)
 
     def _jump(self, packet: av.Packet, track: _Track, ticks: int) -> None:
         """Move every stream by the jump, so that this packet follows the last one."""
