@@ -120,6 +120,7 @@ class SegmentPipeline:
         self.stats = SamplerStats()
         self.segments = 0
         self._codecs: str | None = None
+        self._master: str | None = None  # master playlist as last written
         self._thumbnail = not (self.task_dir / "thumbnail.jpg").exists()
         self.frames: list[tuple[Fraction, Future]] = []  # the open segment's frames
 
@@ -139,7 +140,7 @@ class SegmentPipeline:
         rendition = self.rendition
         rendition.bind(video, source.audio, discontinuity=self.segments > 0)
         self._codecs = codecs_attribute(video, source.audio)
-        write_master(self.task_dir, [rendition], self._codecs)  # a resumed task's playlist already exists
+        self._master = write_master(self.task_dir, [rendition], self._codecs)  # a resumed task has a playlist
         rate = video.average_rate or video.guessed_rate or 25
         frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
         analyzer = self.analyzer
@@ -176,7 +177,7 @@ class SegmentPipeline:
             if after_jump:
                 rendition.mark_discontinuity()
                 after_jump = False
-            write_master(self.task_dir, [rendition], self._codecs)
+            self._master = write_master(self.task_dir, [rendition], self._codecs, self._master)
             now = sampler.stats
             fed = now.packets_decoded - before.packets_decoded
             decoded = now.frames_decoded - before.frames_decoded
@@ -240,7 +241,7 @@ class SegmentPipeline:
         got a segment gets no playlist and no master)."""
         if self.rendition.entries or (self.rendition.dir / "playlist.m3u8").exists():
             self.rendition.write_playlist(ended=True)
-        write_master(self.task_dir, [self.rendition], self._codecs)
+        self._master = write_master(self.task_dir, [self.rendition], self._codecs, self._master)
 
 
 def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,

@@ -162,33 +162,42 @@ class SourceRendition:
         pts, dts, duration = packet.pts, packet.dts, packet.duration
         if copy:
             dup = av.Packet(packet)
-            dup.is_keyframe = packet.is_keyframe
+            dup.pts, dup.dts, dup.duration = pts, dts, duration
+            dup.time_base, dup.is_keyframe = packet.time_base, packet.is_keyframe
             packet = dup
         slot, num, den = self._ts_scale[index]
         if dts is None:
             dts = pts
-        # 90 kHz ticks, rounded to nearest as FFmpeg's rescale does
-        pts = (2 * pts * num + den) // (2 * den)
-        dts = (2 * dts * num + den) // (2 * den)
+        # in 90 kHz ticks, rounded to nearest as FFmpeg's rescale does
+        dts90 = (2 * dts * num + den) // (2 * den)
         last = self._last_dts[slot]
-        if last is not None and dts <= last:
-            dts = last + 1
-            pts = max(pts, dts)
-            self.repairs[REPAIR_DTS] += 1
-        elif pts < dts:
-            pts = dts
-            self.repairs[REPAIR_PTS] += 1
-        packet.time_base = TS_TIME_BASE
-        packet.pts, packet.dts = pts, dts
-        if duration:
-            packet.duration = (2 * duration * num + den) // (2 * den)
+        if last is not None and dts90 <= last or pts < dts:
+            dts90 = self._repair(packet, pts, dts90, duration, last, num, den)
         packet.stream = out_stream
         try:
             self._out.mux(packet)
         except av.error.FFmpegError:
             self.repairs[REPAIR_DROPPED] += 1
             return
-        self._last_dts[slot] = dts
+        self._last_dts[slot] = dts90
+
+    def _repair(self, packet: av.Packet, pts: int, dts90: int, duration: int, last: int | None,
+                num: int, den: int) -> int:
+        """Give the packet 90 kHz timestamps MPEG-TS accepts: a decode
+        timestamp after the last one, a presentation timestamp not before it."""
+        pts90 = (2 * pts * num + den) // (2 * den)
+        if last is not None and dts90 <= last:
+            dts90 = last + 1
+            pts90 = max(pts90, dts90)
+            self.repairs[REPAIR_DTS] += 1
+        else:
+            pts90 = dts90
+            self.repairs[REPAIR_PTS] += 1
+        packet.time_base = TS_TIME_BASE
+        packet.pts, packet.dts = pts90, dts90
+        if duration:
+            packet.duration = (2 * duration * num + den) // (2 * den)
+        return dts90
 
     def close_segment(self, segment: Segment) -> None:
         if self._out is None:
@@ -232,13 +241,14 @@ class SourceRendition:
         atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
 
 
-def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None) -> bool:
-    """Write the master playlist over the renditions that have a playlist to
-    point at; none yet (a task that never got video): no master. Attributes
-    not known (no dimensions from the source) are left out, never guessed."""
+def master_playlist(renditions: list[SourceRendition], codecs: str | None) -> str | None:
+    """The master playlist over the renditions that have a playlist to point
+    at; None while none has (a task that never got video gets no master).
+    Attributes not known (no dimensions from the source) are left out, never
+    guessed."""
     ready = [r for r in renditions if (r.dir / "playlist.m3u8").exists()]
     if not ready:
-        return False
+        return None
     lines = ["#EXTM3U", "#EXT-X-VERSION:3"]
     if all(e.independent for r in ready for e in r.entries):
         lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
@@ -250,8 +260,17 @@ def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str 
         if codecs:
             attrs.append(f'CODECS="{codecs}"')
         lines += [f"#EXT-X-STREAM-INF:{','.join(attrs)}", f"{r.name}/playlist.m3u8"]
-    atomic_write(task_dir / "master.m3u8", "\n".join(lines) + "\n")
-    return True
+    return "\n".join(lines) + "\n"
+
+
+def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None,
+                 written: str | None = None) -> str | None:
+    """Write `master.m3u8` when there is one and it differs from `written`
+    (what the caller wrote last); returns what is on disk now."""
+    text = master_playlist(renditions, codecs)
+    if text is not None and text != written:
+        atomic_write(task_dir / "master.m3u8", text)
+    return text or written
 
 
 def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640) -> None:
