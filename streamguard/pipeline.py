@@ -64,9 +64,7 @@ class ClosedSegment:
     error: str | None
     closed_at: float  # time.monotonic() at the cut
     frames_decoded: int = 0  # decoder output while this segment was open
-    # packets repaired while this segment was open, by kind (REPAIR_* of
-    # hls.py, and "jump" for timestamp jumps absorbed by the source)
-    repairs: dict[str, int] = field(default_factory=dict)
+    repairs: dict[str, int] = field(default_factory=dict)  # made while it was open (RepairTally)
 
 
 @dataclass
@@ -90,6 +88,24 @@ class MediaLocator:
 
     def segment_url(self, index: int) -> str:
         return self.url(f"source/{segment_name(index)}")
+
+
+class RepairTally:
+    """Repairs made since the last segment closed, by kind: the remux's
+    (hls.REPAIR_*) and the timestamp jumps the source absorbed ("jump")."""
+
+    def __init__(self, rendition: SourceRendition, source: MediaSource) -> None:
+        self._rendition, self._source = rendition, source
+        self._seen = self._totals()
+
+    def _totals(self) -> dict[str, int]:
+        return {**self._rendition.repairs, "jump": self._source.jumps}
+
+    def take(self) -> dict[str, int]:
+        now = self._totals()
+        delta = {kind: n - self._seen.get(kind, 0) for kind, n in now.items() if n != self._seen.get(kind, 0)}
+        self._seen = now
+        return delta
 
 
 class StopMode:
@@ -161,18 +177,19 @@ class SegmentPipeline:
         self._thumbnail = False
         segmenter = Segmenter(self.opts.segment_seconds, video.time_base, self.next_index, self.timeline_end)
         before = SamplerStats()  # sampler counters at the last cut
-        repaired_before = dict(rendition.repairs)
-        jumps_seen = jumps_before = source.jumps
+        repairs = RepairTally(rendition, source)
+        jumps_seen = source.jumps
         after_jump = False  # the next segment starts after a timestamp jump
 
         def close(segment: Segment, cut_pts: int | None = None) -> None:
-            nonlocal frames, before, repaired_before, jumps_before, after_jump
-            if segment.cut == CUT_CAP and cut_pts is not None:
+            nonlocal frames, before, after_jump
+            if segment.cut == CUT_CAP:
+                assert cut_pts is not None
                 sampler.cut_without_keyframe(cut_pts)  # the next frames need this decoder's state
             else:
                 sampler.end_segment()
             rendition.close_segment(segment)
-            if cut_pts is not None and segment.cut == CUT_CAP:
+            if segment.cut == CUT_CAP:
                 rendition.mark_dependent()
             if after_jump:
                 rendition.mark_discontinuity()
@@ -182,14 +199,9 @@ class SegmentPipeline:
             fed = now.packets_decoded - before.packets_decoded
             decoded = now.frames_decoded - before.frames_decoded
             before = SamplerStats(**vars(now))
-            repairs = {k: v - repaired_before.get(k, 0) for k, v in rendition.repairs.items()
-                       if v != repaired_before.get(k, 0)}
-            repaired_before = dict(rendition.repairs)
-            if source.jumps != jumps_before:
-                repairs["jump"] = source.jumps - jumps_before
-                jumps_before = source.jumps
-            if repairs:
-                log.info("%s: segment %d: repaired packets %s", source.url, segment.index, repairs)
+            repaired = repairs.take()
+            if repaired:
+                log.info("%s: segment %d: repaired packets %s", source.url, segment.index, repaired)
             error = None
             # -1 only when the decoder was given this segment's packets and not
             # one frame came out (with analysis, a sampled frame is a decoded
@@ -197,7 +209,7 @@ class SegmentPipeline:
             # is not failed for it.
             if fed and not decoded:
                 error = f"segment {segment.index} has no decodable video ({fed} packets decoded to no frame)"
-            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repairs))
+            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired))
             self.segments += 1
             self.next_index = segment.index + 1
             self.timeline_end = segment.end
