@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import pytest
 
-from streamguard.media.hls import REPAIR_DTS, SourceRendition, write_master
+from streamguard.media.hls import REPAIR_DROPPED, REPAIR_DTS, REPAIR_PTS, SourceRendition, write_master
 from streamguard.media.segmenter import CUT_CAP, CUT_JUMP, CUT_KEYFRAME, Segment, Segmenter, cap_seconds
 from streamguard.media.source import BACKWARD_JUMP, TIMELINE_OFFSET, MediaSource, SourceOptions
 from streamguard.pipeline import PipelineOptions, SegmentPipeline
@@ -147,7 +147,7 @@ def test_remux_repairs_non_increasing_dts_and_keeps_every_packet(tmp_path):
             last[kind] = p.dts
             rendition.write(p)
         rendition.close_segment(Segment(0, Fraction(0), Fraction(2)))
-    assert rendition.repairs == {"dts": 2, "pts": 0, "dropped": 0}
+    assert rendition.repairs == {REPAIR_DTS: 2, REPAIR_PTS: 0, REPAIR_DROPPED: 0}
     with av.open(str(tmp_path / "out" / "source" / "segment_000.ts")) as out:
         got = [p for p in out.demux() if p.size]
         assert len(got) == len(packets)  # fixed up, nothing dropped
