@@ -4,7 +4,11 @@ f.mp4 -c copy -f flv` (tests/live_servers.py). At each loop point ffmpeg
 repeats an audio decode timestamp (AAC priming of an ffmpeg-made mp4), which
 MPEG-TS refuses: the remux must repair it, and no segment may lose its
 moderation for it (CONTRACT §3: "a bad packet is repaired or dropped, not
-fatal")."""
+fatal").
+
+A stream whose keyframes are further apart than the segment cap (a long GOP,
+intra refresh) is cut without a keyframe at max(3 x segment, segment + 10) s,
+and decoding carries on across that cut."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import pytest
 
 import live_servers as ls
 from daemon import Daemon
+from streamguard.media.segmenter import cap_seconds
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(120)]
 
@@ -98,3 +103,51 @@ def test_looping_publisher_keeps_every_segment_moderated(tmp_path: Path, test_bu
     assert decode.returncode == 0 and "non monoton" not in decode.stderr.lower(), decode.stderr
     assert all(urllib.parse.urlsplit(x["video_url"]).path.endswith(f"segment_{x['segment_index']:03d}.ts")
                for x in datas)
+
+
+def test_long_gop_stream_is_cut_at_the_cap_and_moderated_after_the_cut(tmp_path: Path, test_bundle: Path,
+                                                                       rtmp: ls.RtmpServer) -> None:
+    """A 14 s file with one keyframe, looped: keyframes 14 s apart on the wire. With
+    1 s segments (cap 11 s) a segment starting at a keyframe is cut at 11 s without
+    one; the red second at 12-13 s of the file lies after that cut and is flagged."""
+    gop, seg = 14, 1
+    cap = cap_seconds(seg)
+    video = ls.make_test_video(tmp_path / "gop.mp4", seconds=gop, gop=gop * 25, red_ranges=((12.0, 13.0),))
+    url = rtmp.url("longgop")
+    # nginx-rtmp sends a new player no video before the next keyframe: the task may
+    # reconnect a few times before it joins, so give it time to.
+    env = {"STREAMGUARD_LIVE__NO_DATA_TIMEOUT": "60"}
+    with ls.Publisher(video, url) as pub, Daemon(tmp_path / "data", test_bundle, env) as d:
+        pub.start()
+        key = d.create_key("longgop")
+        reply = d.call("POST", "/v1/streams", {"url": url, "enable_content_moderation": True,
+                                               "segment_seconds": seg}, key=key)
+        assert reply.status == 200, reply.body
+        task_id = reply.data["task_id"]
+
+        def capped_and_next():
+            recs = d.records(task_id, key)
+            i = next((i for i, r in enumerate(recs) if "without a keyframe" in r["data"]["message"]), None)
+            return recs if i is not None and len(recs) > i + 1 else None
+
+        records = d.wait_for(capped_and_next, 3 * gop + 30, "a capped segment and the one after it")
+        d.call("POST", f"/v1/streams/{task_id}/stop", key=key)
+    assert all(r["data"]["status"] == 0 for r in records), [r["data"]["message"] for r in records]
+    datas = [r["data"]["data"] for r in records]
+    for a, b in zip(datas, datas[1:]):
+        assert a["end_time"] == b["start_time"], (a, b)
+    i = next(i for i, r in enumerate(records) if "without a keyframe" in r["data"]["message"])
+    capped, after = datas[i], datas[i + 1]
+    assert records[i]["data"]["message"] == f"segment processed (cut without a keyframe after {cap}.0 s)"
+    assert abs(span(capped) - cap) <= 0.05, capped
+    for x in datas:
+        assert span(x) <= cap + 0.05, x
+        assert abs(x["content_moderation"]["frames_processed"] - span(x)) <= 1.0, x
+    # the segment after the cut runs to the next keyframe (14 s into the file) and sees the red second
+    assert abs(span(after) - (gop - cap)) <= 0.05, after
+    flagged = [float(f["time"]) - float(after["start_time"]) for f in after["content_moderation"]["flagged_frames"]]
+    assert flagged == [1.0], after
+
+
+def span(x: dict) -> float:
+    return float(x["end_time"]) - float(x["start_time"])
