@@ -33,6 +33,11 @@ class Metrics:
         self.reconnects = Counter("streamguard_source_reconnects_total",
                                   "Live source (re)connections after a drop or failure, by reason.",
                                   ["reason"], registry=r)
+        self.packets_repaired = Counter(
+            "streamguard_packets_repaired_total",
+            "Source packets repaired instead of failing their segment, by kind: dts (non-increasing decode "
+            "timestamp moved forward), pts (moved up to its decode timestamp), dropped (refused by the remux), "
+            "jump (timestamp jump absorbed into one continuous timeline).", ["kind"], registry=r)
         self.tasks_ended = Counter("streamguard_tasks_ended_total", "Live tasks ended, by final status.",
                                    ["status"], registry=r)
         self.task_failures = Counter(

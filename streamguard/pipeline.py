@@ -10,6 +10,13 @@ form for files.
 `RecordAssembler` runs on the event loop and turns those, in order, into
 records. The live hand-off queue between them is bounded (streams.py); it holds
 only futures and small metadata; frames themselves wait in the batcher.
+
+A bad packet does not cost a segment its record: timestamps are repaired
+(source.py absorbs jumps, hls.py fixes what the remux refuses), undecodable
+packets are skipped, and a segment gets -1 only when not one of its frames
+could be decoded for analysis. Each repair is counted in
+`ClosedSegment.repairs` (the daemon's `streamguard_packets_repaired_total`)
+and logged once per segment.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from .analysis import Analyzer, TextTokenMeter
 from .errors import StreamGuardError
 from .media.hls import LiveMedia, SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
 from .media.sampler import FrameSampler, SampledFrame, SamplerStats
-from .media.segmenter import Segment, Segmenter, fmt_time
+from .media.segmenter import CUT_CAP, Segment, Segmenter, fmt_time
 from .media.source import MediaSource
 from .schemas import (STATUS_ERROR, STATUS_OK, RecordBody, SegmentData, SegmentRecord, TokenUsage,
                       status_record)
@@ -57,6 +64,7 @@ class ClosedSegment:
     error: str | None
     closed_at: float  # time.monotonic() at the cut
     frames_decoded: int = 0  # decoder output while this segment was open
+    repairs: dict[str, int] = field(default_factory=dict)  # made while it was open (RepairTally)
 
 
 @dataclass
@@ -80,6 +88,24 @@ class MediaLocator:
 
     def segment_url(self, index: int) -> str:
         return self.url(f"source/{segment_name(index)}")
+
+
+class RepairTally:
+    """Repairs made since the last segment closed, by kind: the remux's
+    (hls.REPAIR_*) and the timestamp jumps the source absorbed ("jump")."""
+
+    def __init__(self, rendition: SourceRendition, source: MediaSource) -> None:
+        self._rendition, self._source = rendition, source
+        self._seen = self._totals()
+
+    def _totals(self) -> dict[str, int]:
+        return {**self._rendition.repairs, "jump": self._source.jumps}
+
+    def take(self) -> dict[str, int]:
+        now = self._totals()
+        delta = {kind: n - self._seen.get(kind, 0) for kind, n in now.items() if n != self._seen.get(kind, 0)}
+        self._seen = now
+        return delta
 
 
 class StopMode:
@@ -110,6 +136,7 @@ class SegmentPipeline:
         self.stats = SamplerStats()
         self.segments = 0
         self._codecs: str | None = None
+        self._master: str | None = None  # master playlist as last written
         self._thumbnail = not (self.task_dir / "thumbnail.jpg").exists()
         self.frames: list[tuple[Fraction, Future]] = []  # the open segment's frames
 
@@ -129,7 +156,7 @@ class SegmentPipeline:
         rendition = self.rendition
         rendition.bind(video, source.audio, discontinuity=self.segments > 0)
         self._codecs = codecs_attribute(video, source.audio)
-        write_master(self.task_dir, [rendition], self._codecs)
+        self._master = write_master(self.task_dir, [rendition], self._codecs)  # a resumed task has a playlist
         rate = video.average_rate or video.guessed_rate or 25
         frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
         analyzer = self.analyzer
@@ -149,50 +176,65 @@ class SegmentPipeline:
         )
         self._thumbnail = False
         segmenter = Segmenter(self.opts.segment_seconds, video.time_base, self.next_index, self.timeline_end)
-        mux_errors = 0
         before = SamplerStats()  # sampler counters at the last cut
+        repairs = RepairTally(rendition, source)
+        jumps_seen = source.jumps
+        after_jump = False  # the next segment starts after a timestamp jump
 
-        def close(segment: Segment) -> None:
-            nonlocal frames, mux_errors, before
-            sampler.end_segment()
+        def close(segment: Segment, cut_pts: int | None = None) -> None:
+            nonlocal frames, before, after_jump
+            if segment.cut == CUT_CAP:
+                assert cut_pts is not None
+                sampler.cut_without_keyframe(cut_pts)  # the next frames need this decoder's state
+            else:
+                sampler.end_segment()
             rendition.close_segment(segment)
+            if segment.cut == CUT_CAP:
+                rendition.mark_dependent()
+            if after_jump:
+                rendition.mark_discontinuity()
+                after_jump = False
+            self._master = write_master(self.task_dir, [rendition], self._codecs, self._master)
             now = sampler.stats
-            bad_decode = now.decode_errors - before.decode_errors
+            fed = now.packets_decoded - before.packets_decoded
             decoded = now.frames_decoded - before.frames_decoded
             before = SamplerStats(**vars(now))
+            repaired = repairs.take()
+            if repaired:
+                log.info("%s: segment %d: repaired packets %s", source.url, segment.index, repaired)
             error = None
-            if bad_decode or mux_errors:
-                error = (f"segment {segment.index} has corrupt video data "
-                         f"({bad_decode} undecodable and {mux_errors} unwritable packets)")
-            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded))
+            # -1 only when the decoder was given this segment's packets and not
+            # one frame came out (with analysis, a sampled frame is a decoded
+            # one). A segment that needed no decoding (no sample target in it)
+            # is not failed for it.
+            if fed and not decoded:
+                error = f"segment {segment.index} has no decodable video ({fed} packets decoded to no frame)"
+            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired))
             self.segments += 1
             self.next_index = segment.index + 1
             self.timeline_end = segment.end
             self.frames = frames = []
-            mux_errors = 0
 
         stopped_at_cut = False
         try:
             for packet in source.packets():
                 if should_stop() == StopMode.NOW:
                     break  # before this packet counts anywhere: the open segment ends with what it has
+                if source.jumps != jumps_seen:  # this packet came after a timestamp jump
+                    jumps_seen = source.jumps
+                    after_jump = True
+                    segmenter.discontinuity()
                 is_video = packet.stream is video
                 closed = segmenter.feed(packet, is_video, frame_ticks)
                 if closed is not None:
-                    close(closed)
+                    close(closed, packet.pts)
                     if should_stop():
                         stopped_at_cut = True  # the cut keyframe opened no segment worth keeping
                         break
                 if is_video:
                     on_video()
                     sampler.feed(packet)
-                try:
-                    rendition.write(packet, copy=is_video and sampler.holds(packet))
-                except av.error.FFmpegError as exc:
-                    if isinstance(exc, OSError):  # the output cannot be written: the task's failure, not the packet's
-                        raise
-                    mux_errors += 1
-                    log.debug("mux error in %s: %s", source.url, exc)
+                rendition.write(packet, copy=is_video and sampler.holds(packet))
             if not stopped_at_cut:
                 last = segmenter.finish()
                 if last is not None:
@@ -203,13 +245,15 @@ class SegmentPipeline:
         return source.read_error
 
     def _add_stats(self, s: SamplerStats) -> None:
-        for name in ("frames_decoded", "frames_sampled", "decode_errors"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
+        for name, value in vars(s).items():
+            setattr(self.stats, name, getattr(self.stats, name) + value)
 
     def close(self) -> None:
-        """End of the task: the playlist gets #EXT-X-ENDLIST."""
-        self.rendition.write_playlist(ended=True)
-        write_master(self.task_dir, [self.rendition], self._codecs)
+        """End of the task: the playlist gets #EXT-X-ENDLIST (a task that never
+        got a segment gets no playlist and no master)."""
+        if self.rendition.entries or (self.rendition.dir / "playlist.m3u8").exists():
+            self.rendition.write_playlist(ended=True)
+        self._master = write_master(self.task_dir, [self.rendition], self._codecs, self._master)
 
 
 def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
@@ -247,11 +291,12 @@ class RecordAssembler:
             video_tokens = len(closed.frames) * self.analyzer.tokens_per_image
             text_tokens = self.text_tokens.take()
         elapsed_ms = (time.monotonic() - closed.closed_at) * 1000
+        note = seg.note
         data = SegmentData(
             segment_index=seg.index, start_time=fmt_time(seg.start), end_time=fmt_time(seg.end),
             video_url=self.media.segment_url(seg.index), content_moderation=moderation,
             processing_time_ms=str(round(elapsed_ms)),
         )
         return SegmentRecord(task_id=self.task_id, data=RecordBody(
-            status=STATUS_OK, message="segment processed", data=data,
+            status=STATUS_OK, message=f"segment processed ({note})" if note else "segment processed", data=data,
             token=TokenUsage.of(video_tokens, text_tokens)))

@@ -422,6 +422,8 @@ class StreamService:
             self.metrics.record_queue_depth.dec()
             self.metrics.frames_decoded.inc(closed.frames_decoded)
             self.metrics.frames_sampled.inc(len(closed.frames))
+            for kind, count in closed.repairs.items():
+                self.metrics.packets_repaired.labels(kind).inc(count)
             # Cut before the stop took effect (not paid, not sent), or by a
             # pipeline that is being restarted from an earlier segment.
             if task.discard or closed.segment.index != task.next_seq:

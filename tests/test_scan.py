@@ -143,25 +143,50 @@ def test_several_inputs_share_one_run(cli, red_video, test_bundle, tmp_path):
     assert not any(seg_data(r)["content_moderation"]["has_unsafe_content"] for r in calm)
 
 
-def test_corrupt_segment_gets_status_minus_one_and_the_rest_goes_on(cli, red_video, test_bundle, tmp_path):
-    corrupt = tmp_path / "corrupt.mp4"
-    shutil.copy(red_video, corrupt)
-    with av.open(str(red_video)) as c:
+def _corrupt_video(src, dst, lo: float, hi: float, keep: int, garble) -> None:
+    """A copy of `src` whose video packets in [lo, hi) s keep their first `keep`
+    bytes (length prefix and NAL header, so keyframes stay keyframes) and have
+    the rest replaced by `garble(size)`."""
+    shutil.copy(src, dst)
+    with av.open(str(src)) as c:
         v = c.streams.video[0]
         spots = [(p.pos, p.size) for p in c.demux(v)
-                 if p.pts is not None and 10 <= p.pts * v.time_base < Fraction(21, 2)]
-    rnd = random.Random(7)
-    with open(corrupt, "r+b") as fh:
+                 if p.pts is not None and lo <= p.pts * v.time_base < hi]
+    with open(dst, "r+b") as fh:
         for pos, size in spots:
-            fh.seek(pos)
-            fh.write(bytes(rnd.randrange(256) for _ in range(size)))
+            fh.seek(pos + keep)
+            fh.write(garble(size - keep))
+
+
+def test_damaged_packets_cost_no_segment_its_moderation(cli, red_video, test_bundle, tmp_path):
+    """Half a second of garbled packets (keyframe included) at 10 s: the frames
+    that still decode are moderated; no -1."""
+    corrupt = tmp_path / "corrupt.mp4"
+    rnd = random.Random(7)
+    _corrupt_video(red_video, corrupt, 10, 10.5, 0, lambda n: bytes(rnd.randrange(256) for _ in range(n)))
     res = cli("scan", corrupt, "--moderate", "--model", test_bundle, "--data-dir", tmp_path)
     assert res.returncode == 0, res.stderr
+    assert [r["data"]["status"] for r in res.records] == [0] * len(res.records), res.stdout
+    datas = [seg_data(r) for r in res.records]
+    assert_tiles(res.records, 30.0, 5)
+    hit = next(d for d in datas if float(d["start_time"]) <= 10 < float(d["end_time"]))
+    assert hit["content_moderation"]["frames_processed"] >= 1, hit
+    assert any(d["content_moderation"]["has_unsafe_content"] for d in datas)  # red after the damage still flags
+
+
+@pytest.mark.parametrize("moderate", [True, False])
+def test_segment_without_one_decodable_frame_gets_minus_one_and_the_rest_goes_on(
+        cli, red_video, test_bundle, tmp_path, moderate):
+    corrupt = tmp_path / "corrupt.mp4"
+    _corrupt_video(red_video, corrupt, 10, 16, 5, bytes)  # segment [10, 16): every packet's payload zeroed
+    args = ["--moderate", "--model", test_bundle] if moderate else []
+    res = cli("scan", corrupt, *args, "--data-dir", tmp_path)
+    assert res.returncode == 0, res.stderr
     statuses = [r["data"]["status"] for r in res.records]
-    assert statuses.count(-1) == 1 and statuses.count(0) == len(statuses) - 1
-    bad = next(r for r in res.records if r["data"]["status"] == -1)
+    assert statuses == [0, 0, -1, 0, 0, 0], res.stdout
+    bad = res.records[2]
     assert bad["data"]["data"] is None and bad["data"]["token"] is None
-    assert "corrupt" in bad["data"]["message"]
+    assert "no decodable video" in bad["data"]["message"], bad
     assert "Traceback" not in res.stderr
 
 

@@ -11,6 +11,12 @@ playlist lists only the newest media, from a bounded deque, with
 `#EXT-X-MEDIA-SEQUENCE` and `#EXT-X-DISCONTINUITY-SEQUENCE` counting what slid
 out, so a player's numbering stays stable; media retention
 (media/retention.py) deletes the files that left the window.
+
+The remux repairs what MPEG-TS refuses: a decode timestamp that does not
+increase (a looping publisher repeats one at each loop point) is moved to one
+tick after the last, and a presentation timestamp before its decode timestamp
+is moved up to it; each repair is counted (`repairs`). A packet the muxer still
+refuses is dropped and counted; the segment goes on.
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+TS_HZ = 90000  # MPEG-TS timestamps are 90 kHz ticks
+TS_TIME_BASE = Fraction(1, TS_HZ)
+
+REPAIR_DTS = "dts"  # non-increasing decode timestamp moved forward
+REPAIR_PTS = "pts"  # presentation timestamp before the decode timestamp moved up
+REPAIR_DROPPED = "dropped"  # packet the muxer refused, left out of the segment
+
+
 def segment_name(index: int) -> str:
     return f"segment_{index:03d}.ts"
 
@@ -46,6 +60,7 @@ class PlaylistEntry:
     size: int
     discontinuity: bool = False
     closed_at: float = 0.0  # wall clock (time.time()) when the file was complete
+    independent: bool = True  # starts with a keyframe
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,11 @@ class SourceRendition:
         self._map: dict[int, av.stream.Stream] = {}
         self._next = next_index
         self._discontinuity = False
+        self._independent = True
+        # per input stream index: (slot, time-base numerator x 90 kHz, denominator)
+        self._ts_scale: dict[int, tuple[int, int, int]] = {}
+        self._last_dts: list[int | None] = [None, None]  # per slot (video, audio), 90 kHz
+        self.repairs: dict[str, int] = {REPAIR_DTS: 0, REPAIR_PTS: 0, REPAIR_DROPPED: 0}
         self.video_in: av.video.stream.VideoStream | None = None
         self.audio_in: av.audio.stream.AudioStream | None = None
         self.width = self.height = 0
@@ -181,7 +201,23 @@ class SourceRendition:
         the next segment is marked as a discontinuity when the source changed."""
         self.video_in, self.audio_in = video, audio
         self.width, self.height = video.codec_context.width, video.codec_context.height
-        self._discontinuity = discontinuity
+        self._discontinuity = self._discontinuity or discontinuity
+        self._last_dts = [None, None]  # a new connection starts a new run of timestamps
+        self._ts_scale = {}
+        for slot, stream in enumerate((video, audio)):
+            if stream is not None:
+                tb = stream.time_base
+                self._ts_scale[stream.index] = (slot, tb.numerator * TS_HZ, tb.denominator)
+
+    def mark_discontinuity(self) -> None:
+        """The open segment follows a timestamp jump (encoder restart, spliced
+        input): its playlist entry gets #EXT-X-DISCONTINUITY."""
+        self._discontinuity = True
+
+    def mark_dependent(self) -> None:
+        """The open segment starts without a keyframe (a cut forced by the
+        segment cap): it needs the one before it to decode."""
+        self._independent = False
 
     def _open_segment(self) -> None:
         self._out = av.open(str(self.dir / segment_name(self._next)), mode="w", format="mpegts")
@@ -191,22 +227,58 @@ class SourceRendition:
                 self._map[stream.index] = self._out.add_stream_from_template(stream)
 
     def write(self, packet: av.Packet, *, copy: bool = False) -> None:
-        """Mux one packet. Muxing rescales the packet and takes its data, so a
-        packet someone still holds (the sampler, for a later lazy decode) must
-        be muxed as a copy."""
+        """Mux one packet, repairing its timestamps for MPEG-TS (see the module
+        doc). Muxing takes the packet's data and rescales it, so a packet
+        someone still holds (the sampler, for a later lazy decode) must be
+        muxed as a copy."""
         if self._out is None:
             if self._skipping or not self._may_write():
                 return
             self._open_segment()
         assert self._out is not None
-        out_stream = self._map[packet.stream.index]
+        index = packet.stream.index
+        out_stream = self._map[index]
+        pts, dts, duration = packet.pts, packet.dts, packet.duration
         if copy:
             dup = av.Packet(packet)
-            dup.pts, dup.dts, dup.duration = packet.pts, packet.dts, packet.duration
+            dup.pts, dup.dts, dup.duration = pts, dts, duration
             dup.time_base, dup.is_keyframe = packet.time_base, packet.is_keyframe
             packet = dup
+        slot, num, den = self._ts_scale[index]
+        if dts is None:
+            dts = pts
+        # in 90 kHz ticks, rounded to nearest as FFmpeg's rescale does
+        dts90 = (2 * dts * num + den) // (2 * den)
+        last = self._last_dts[slot]
+        if last is not None and dts90 <= last or pts < dts:
+            dts90 = self._repair(packet, pts, dts90, duration, last, num, den)
         packet.stream = out_stream
-        self._out.mux(packet)
+        try:
+            self._out.mux(packet)
+        except av.error.FFmpegError as exc:
+            if isinstance(exc, OSError):  # the output cannot be written: the task's failure, not the packet's
+                raise
+            self.repairs[REPAIR_DROPPED] += 1
+            return
+        self._last_dts[slot] = dts90
+
+    def _repair(self, packet: av.Packet, pts: int, dts90: int, duration: int, last: int | None,
+                num: int, den: int) -> int:
+        """Give the packet 90 kHz timestamps MPEG-TS accepts: a decode
+        timestamp after the last one, a presentation timestamp not before it."""
+        pts90 = (2 * pts * num + den) // (2 * den)
+        if last is not None and dts90 <= last:
+            dts90 = last + 1
+            pts90 = max(pts90, dts90)
+            self.repairs[REPAIR_DTS] += 1
+        else:
+            pts90 = dts90
+            self.repairs[REPAIR_PTS] += 1
+        packet.time_base = TS_TIME_BASE
+        packet.pts, packet.dts = pts90, dts90
+        if duration:
+            packet.duration = (2 * duration * num + den) // (2 * den)
+        return dts90
 
     def _may_write(self) -> bool:
         """Asked once per segment, when its first packet arrives."""
@@ -228,8 +300,9 @@ class SourceRendition:
         self._next = segment.index + 1
         path = self.dir / segment_name(segment.index)
         self._append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size,
-                                   self._discontinuity, time.time()))
+                                   self._discontinuity, time.time(), self._independent))
         self._discontinuity = False
+        self._independent = True
         self._slide(time.time())
         self.write_playlist(ended=False)
 
@@ -252,7 +325,8 @@ class SourceRendition:
             lines.append("#EXT-X-PLAYLIST-TYPE:EVENT")  # only ever appended to
         else:  # a sliding window (no PLAYLIST-TYPE: EVENT forbids removing segments)
             lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{self.discontinuity_sequence}")
-        lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
+        if all(e.independent for e in self.entries):
+            lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
         for e in self.entries:
             if e.discontinuity:
                 lines.append("#EXT-X-DISCONTINUITY")
@@ -262,15 +336,36 @@ class SourceRendition:
         atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
 
 
-def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None) -> None:
-    lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-INDEPENDENT-SEGMENTS"]
-    for r in renditions:
+def master_playlist(renditions: list[SourceRendition], codecs: str | None) -> str | None:
+    """The master playlist over the renditions that have a playlist to point
+    at; None while none has (a task that never got video gets no master).
+    Attributes not known (no dimensions from the source) are left out, never
+    guessed."""
+    ready = [r for r in renditions if (r.dir / "playlist.m3u8").exists()]
+    if not ready:
+        return None
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3"]
+    if all(e.independent for r in ready for e in r.entries):
+        lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
+    for r in ready:
         bandwidth = r.peak_bandwidth() or 1_000_000  # estimate until a segment is measured
-        attrs = [f"BANDWIDTH={bandwidth}", f"RESOLUTION={r.width}x{r.height}"]
+        attrs = [f"BANDWIDTH={bandwidth}"]
+        if r.width > 0 and r.height > 0:
+            attrs.append(f"RESOLUTION={r.width}x{r.height}")
         if codecs:
             attrs.append(f'CODECS="{codecs}"')
         lines += [f"#EXT-X-STREAM-INF:{','.join(attrs)}", f"{r.name}/playlist.m3u8"]
-    atomic_write(task_dir / "master.m3u8", "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None,
+                 written: str | None = None) -> str | None:
+    """Write `master.m3u8` when there is one and it differs from `written`
+    (what the caller wrote last); returns what is on disk now."""
+    text = master_playlist(renditions, codecs)
+    if text is not None and text != written:
+        atomic_write(task_dir / "master.m3u8", text)
+    return text or written
 
 
 def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640) -> None:

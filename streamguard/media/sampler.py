@@ -6,6 +6,16 @@ reaches the next target; a GOP whose tail holds no target is dropped at the
 next keyframe without ever being decoded, and the decoder is reset there. So at
 fps 1 with 2 s GOPs, only the frames up to each sampled one are decoded.
 
+At a cut without a keyframe (the segment cap, see segmenter.py) the decoder
+is neither drained nor reset: the frames after the cut reference the ones
+before it. Frames that come out of the decoder late and lie before that cut
+are not sampled for the new segment; the next frame after it takes their
+target instead.
+
+Without fps (no analysis) the sampler still decodes the first frame of each
+segment that starts at a keyframe, which is what tells a segment with
+decodable video from one without.
+
 Sampled frames are centre-cropped and scaled to the model's input in swscale
 (see scaler.py): CLIP's reference preprocessing.
 """
@@ -37,6 +47,7 @@ class SamplerStats:
     frames_decoded: int = 0
     frames_sampled: int = 0
     decode_errors: int = 0
+    packets_decoded: int = 0  # packets given to the decoder
 
 
 class FrameSampler:
@@ -55,10 +66,12 @@ class FrameSampler:
         self.scale = CentreCropScaler(size)
         self.on_sample = on_sample
         self.on_first_frame = on_first_frame
-        # Without fps only the first frame is wanted (for the thumbnail).
+        # Without fps only each segment's first frame is wanted (the thumbnail,
+        # and proof that the segment decodes).
         self.next_target: Fraction | None = None
         self._target_ticks = 0  # next_target in stream ticks, for cheap per-packet checks
-        self._set_target(Fraction(0) if (fps or on_first_frame) else None)
+        self._set_target(Fraction(0))
+        self._floor_ticks = NEG_INF  # frames before this pts belong to a closed segment
         self.stats = SamplerStats()
         self._pending: list[av.Packet] = []
         self._max_fed = NEG_INF
@@ -91,15 +104,24 @@ class FrameSampler:
         return bool(self._pending) and self._pending[-1] is packet
 
     def end_segment(self) -> None:
-        """Called before a cut: drain the decoder so every frame of the closing
-        segment is out, then start clean at the cut keyframe."""
+        """Called before a cut at a keyframe: drain the decoder so every frame
+        of the closing segment is out, then start clean at the cut keyframe."""
         if self._fed:
             self._set_skip(False)
             self._decode(None)
         self._pending.clear()
         self._reset()
+        self._floor_ticks = NEG_INF
+        if not self.fps:
+            self._set_target(Fraction(0))  # the next segment's first frame
 
     finish = end_segment
+
+    def cut_without_keyframe(self, cut_pts: int) -> None:
+        """Called before a cut at a packet that is not a keyframe: keep the
+        decoder and the packets it still needs; frames before the cut that
+        come out later are not the new segment's."""
+        self._floor_ticks = cut_pts
 
     def _reset(self) -> None:
         if self._fed:
@@ -125,6 +147,8 @@ class FrameSampler:
             self._skipping = skip_nonref
 
     def _decode(self, packet: av.Packet | None) -> None:
+        if packet is not None:
+            self.stats.packets_decoded += 1
         try:
             frames = self.ctx.decode(packet)
         except av.error.FFmpegError:
@@ -135,7 +159,8 @@ class FrameSampler:
             self._on_frame(frame)
 
     def _on_frame(self, frame: av.VideoFrame) -> None:
-        if frame.pts is None or self.next_target is None or frame.pts < self._target_ticks:
+        if frame.pts is None or self.next_target is None or frame.pts < self._target_ticks \
+                or frame.pts < self._floor_ticks:
             return
         t = self._t(frame.pts)
         if self.on_first_frame is not None:

@@ -6,6 +6,17 @@ TIMELINE_OFFSET seconds. Downstream code reads timeline seconds as
 `pts * time_base - TIMELINE_OFFSET`. The offset keeps the earliest B-frame
 decode timestamps and audio priming non-negative, which MPEG-TS needs (the same
 reason ffmpeg's own muxers start at 1.4 s).
+
+Timestamp jumps: an encoder restart, concatenated files (`cat a.ts b.ts`), a
+clock that leaps or an MPEG-TS/RTMP timestamp wrap make a stream's decode
+timestamps go back, or forward by more than a gap a real stream has. Such a
+jump is absorbed here: every stream's offset moves so that the packet lands
+one packet after the last one, and `jumps` counts it, so that everything
+downstream (segmenter, sampler, remux) sees one continuous timeline. A stream
+that comes back level with the others after a gap of its own (audio after
+silence was not sent) has not jumped: its gap is kept. Small
+steps back (a looping publisher repeats an audio timestamp) are left to the
+remux, which repairs them packet by packet.
 """
 
 from __future__ import annotations
@@ -26,6 +37,13 @@ from .replay import ReplayGuard
 log = logging.getLogger(__name__)
 
 TIMELINE_OFFSET = Fraction(7, 5)  # 1.4 s
+# A stream's decode timestamps never go back by more than a reordering slip in
+# a healthy source; forward, anything up to FORWARD_JUMP is a real gap (a
+# variable-frame-rate camera, dropped frames) and kept. FORWARD_JUMP stays
+# within the segment cap's slack (segmenter.cap_seconds >= segment + 10 s), so
+# a gap never makes a segment longer than the cap.
+BACKWARD_JUMP = Fraction(1, 5)
+FORWARD_JUMP = 10
 
 # Text drawn as pictures (FFmpeg's tty and bintext demuxers claim .txt, .nfo,
 # .ans...): a "video" stream, but not video anyone publishes, and not muxable.
@@ -66,6 +84,21 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, av.error.ExitError) or "timed out" in str(exc).lower()
 
 
+class _Track:
+    """Rebasing state of one stream: ticks subtracted, the last decode
+    timestamp yielded and the step to the next one (all in stream ticks)."""
+
+    __slots__ = ("tb", "base", "last", "step", "back", "forward")
+
+    def __init__(self, tb: Fraction, base: int) -> None:
+        self.tb = tb
+        self.base = base
+        self.last: int | None = None
+        self.step = 1
+        self.back = max(1, round(BACKWARD_JUMP / tb))
+        self.forward = max(1, round(FORWARD_JUMP / tb))
+
+
 class MediaSource:
     """One input. `open()` raises MediaError with a clear reason; `packets()`
     yields timeline-rebased packets of the video and first audio stream."""
@@ -80,7 +113,9 @@ class MediaSource:
         self.container: av.container.InputContainer | None = None
         self.video: av.video.stream.VideoStream | None = None
         self.audio: av.audio.stream.AudioStream | None = None
-        self._base: dict[int, int] = {}  # stream index -> ticks subtracted
+        self._tracks: dict[int, _Track] = {}  # stream index -> rebasing state
+        self._shift = Fraction(0)  # seconds moved by timestamp jumps so far
+        self.jumps = 0  # timestamp jumps absorbed (the pipeline marks a discontinuity at each)
         self.replay = replay
         self.read_error: str | None = None
 
@@ -127,16 +162,49 @@ class MediaSource:
             self.container.close()
             self.container = None
 
+    def _track(self, packet: av.Packet, t0: Fraction) -> _Track:
+        tb = packet.stream.time_base
+        base = round((t0 - TIMELINE_OFFSET - self.timeline_start - self._shift) / tb)
+        track = self._tracks[packet.stream.index] = _Track(tb, base)
+        return track
+
     def _rebase(self, packet: av.Packet, t0: Fraction) -> None:
-        idx = packet.stream.index
-        base = self._base.get(idx)
-        if base is None:
-            tb = packet.stream.time_base
-            base = self._base[idx] = round((t0 - TIMELINE_OFFSET - self.timeline_start) / tb)
+        track = self._tracks.get(packet.stream.index) or self._track(packet, t0)
+        ts = packet.dts if packet.dts is not None else packet.pts
+        t = ts - track.base
+        last = track.last
+        if last is not None:
+            delta = t - last
+            if delta < -track.back or delta > track.forward and self._ahead_of_all(track, t):
+                self._jump(packet, track, t - (last + track.step))
+                t = ts - track.base
+            elif delta > 0:
+                track.step = delta
+        if packet.duration:
+            track.step = packet.duration
+        track.last = t
         if packet.pts is not None:
-            packet.pts -= base
+            packet.pts -= track.base
         if packet.dts is not None:
-            packet.dts -= base
+            packet.dts = t
+
+    def _ahead_of_all(self, track: _Track, t: int) -> bool:
+        """Whether a stream that leapt forward also left every other stream
+        behind: audio resuming after a gap in it comes back level with the
+        video, and that is a gap to keep, not a jump."""
+        seconds = float(t * track.tb)
+        return all(seconds - float(other.last * other.tb) > FORWARD_JUMP
+                   for other in self._tracks.values() if other is not track and other.last is not None)
+
+    def _jump(self, packet: av.Packet, track: _Track, ticks: int) -> None:
+        """Move every stream by the jump, so that this packet follows the last one."""
+        seconds = ticks * track.tb
+        self._shift += seconds
+        for other in self._tracks.values():
+            other.base += ticks if other is track else round(seconds / other.tb)
+        self.jumps += 1
+        log.warning("%s: %s timestamps jumped by %+.3f s; the timeline continues without the jump",
+                    self.url, packet.stream.type, float(seconds))
 
     def packets(self) -> Iterator[av.Packet]:
         """Packets from the first video keyframe on; earlier ones cannot be
@@ -145,7 +213,7 @@ class MediaSource:
         assert self.container is not None and self.video is not None
         streams = [self.video] + ([self.audio] if self.audio is not None else [])
         t0: Fraction | None = None
-        audio_start = 0  # first audio pts (stream ticks) at or after t0
+        audio_start: int | None = None  # audio before this pts (stream ticks) precedes t0
         demux = self.container.demux(streams)
         if self.replay is not None:
             self.replay.begin()
@@ -170,8 +238,10 @@ class MediaSource:
                     audio_start = math.ceil(t0 / self.audio.time_base)
             if packet.pts is None:
                 packet.pts = packet.dts
-            if packet.stream is not self.video and packet.pts < audio_start:
-                continue  # audio from before the first keyframe has no segment to go to
+            if audio_start is not None and packet.stream is not self.video:
+                if packet.pts < audio_start:
+                    continue  # audio from before the first keyframe has no segment to go to
+                audio_start = None  # later audio follows it, even across a timestamp jump
             if self.replay is not None and packet.stream is self.video:
                 self.replay.note(packet)
             self._rebase(packet, t0)
