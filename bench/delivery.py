@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 from streamguard.config import DeliverySettings
-from streamguard.delivery import DeliveryWorker
+from streamguard.delivery.worker import DeliveryWorker
 from streamguard.metrics import Metrics
 from streamguard.store import AsyncStore, Store
 from streamguard.store.sqlite import TaskRow, new_id
-from streamguard.streams import segment_event, store_record, store_task
+from streamguard.services.streams import segment_event, store_record, store_task
 
 RECEIVER = """
 import sys

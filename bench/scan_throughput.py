@@ -38,8 +38,8 @@ import av  # noqa: E402
 from streamguard.config import load_settings  # noqa: E402
 from streamguard.inference.testmodel import make_test_bundle  # noqa: E402
 from streamguard.media.scaler import CentreCropScaler  # noqa: E402
-from streamguard.pipeline import PipelineOptions  # noqa: E402
-from streamguard.scan import run_scan  # noqa: E402
+from streamguard.pipeline.segments import PipelineOptions  # noqa: E402
+from streamguard.services.scan import run_scan  # noqa: E402
 from videos import make_video  # noqa: E402
 
 SECONDS, FPS, GOP = 60, 30, 60
@@ -96,9 +96,9 @@ def pipeline(path: Path, bundle: Path, out: Path) -> tuple[float, int]:
 
 def sampler_counts(path: Path, bundle: Path, out: Path) -> tuple[int, int]:
     """Frames decoded and sampled by one real ingest of this input."""
-    from streamguard.analysis import Analyzer
+    from streamguard.analysis.analyzer import Analyzer
     from streamguard.media.source import MediaSource, SourceOptions
-    from streamguard.pipeline import ingest
+    from streamguard.pipeline.segments import ingest
 
     settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(out / "data")}})
     analyzer = Analyzer.create(settings, bundle)

@@ -143,8 +143,8 @@ def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | N
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .pipeline import PipelineOptions
-    from .scan import run_scan
+    from .pipeline.segments import PipelineOptions
+    from .services.scan import run_scan
 
     settings = _settings(args, {"pipeline": {
         "segment_seconds": args.segment_seconds, "fps": args.fps, "threshold": args.threshold}})
@@ -182,7 +182,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import run
+    from .api.serve import run
 
     settings = _settings(args, {"server": {"host": args.host, "port": args.port}})
     return run(settings, args.model)

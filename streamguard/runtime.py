@@ -10,15 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import Analyzer, resolve_model_dir
+from .analysis.analyzer import Analyzer, resolve_model_dir
 from .config import Settings
-from .deliveries import DeliveryService
-from .delivery import DeliveryWorker
+from .services.deliveries import DeliveryService
+from .delivery.worker import DeliveryWorker
 from .media.retention import DiskSpace, MediaRetention
 from .metrics import Metrics
-from .projects import ProjectService
+from .services.projects import ProjectService
 from .store import AsyncStore, Store
-from .streams import StreamService
+from .services.streams import StreamService
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import pytest
 from streamguard.media.hls import REPAIR_DROPPED, REPAIR_DTS, REPAIR_PTS, SourceRendition, write_master
 from streamguard.media.segmenter import CUT_CAP, CUT_JUMP, CUT_KEYFRAME, Segment, Segmenter, cap_seconds
 from streamguard.media.source import BACKWARD_JUMP, TIMELINE_OFFSET, MediaSource, SourceOptions
-from streamguard.pipeline import PipelineOptions, SegmentPipeline
+from streamguard.pipeline.segments import PipelineOptions, SegmentPipeline
 from videos import make_video
 
 FPS = 25

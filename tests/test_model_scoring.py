@@ -8,8 +8,8 @@ import pytest
 from streamguard.config import ModelSettings
 from streamguard.inference.batcher import InferenceBatcher
 from streamguard.inference.clip import ClipModel
-from streamguard.moderation.categories import CATEGORY_NAMES, MODERATION_CATEGORIES
-from streamguard.moderation.scoring import ModerationScorer, violations
+from streamguard.analysis.categories import CATEGORY_NAMES, MODERATION_CATEGORIES
+from streamguard.analysis.scoring import ModerationScorer, violations
 from streamguard.errors import ModelError
 
 
@@ -119,7 +119,7 @@ async def test_segment_frames_awaited_with_one_loop_wakeup():
     import threading
     from concurrent.futures import CancelledError, Future
 
-    from streamguard.analysis import gather_threadsafe
+    from streamguard.analysis.analyzer import gather_threadsafe
 
     loop = asyncio.get_running_loop()
     wakeups = 0

@@ -27,7 +27,7 @@ from test_hlsjs import chromium, hlsjs, play_in_hlsjs  # noqa: E402,F401  (fixtu
 from streamguard.media.hls import LiveMedia, SourceRendition, segment_name  # noqa: E402
 from streamguard.media.retention import DiskSpace, MediaRetention  # noqa: E402
 from streamguard.media.source import MediaSource, SourceOptions  # noqa: E402
-from streamguard.pipeline import PipelineOptions, SegmentPipeline  # noqa: E402
+from streamguard.pipeline.segments import PipelineOptions, SegmentPipeline  # noqa: E402
 
 SECONDS = 8  # per connection; 1 s GOPs and 1 s segments: 8 segments each
 

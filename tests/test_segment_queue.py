@@ -11,8 +11,8 @@ from concurrent.futures import Future
 from fractions import Fraction
 
 from streamguard.media.segmenter import Segment
-from streamguard.pipeline import ClosedSegment
-from streamguard.streams import SegmentQueue
+from streamguard.pipeline.segments import ClosedSegment
+from streamguard.services.streams import SegmentQueue
 
 
 def closed(index: int) -> ClosedSegment:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..moderation.categories import MODERATION_CATEGORIES, SAFE_PROMPTS
+from ..analysis.categories import MODERATION_CATEGORIES, SAFE_PROMPTS
 from .bundle import EncoderSpec, FileEntry, Manifest, TextEncoderSpec, TokenizerSpec, sha256_file, write_manifest
 
 EMBED_DIM = 32

@@ -13,14 +13,14 @@ from typing import Callable
 
 import numpy as np
 
-from .config import Settings
-from .errors import ModelError
-from .inference.batcher import InferenceBatcher
-from .inference.clip import ClipModel
-from .media.segmenter import fmt_time
-from .moderation.categories import CATEGORY_NAMES
-from .moderation.scoring import ModerationScorer, scores_dict, violations
-from .schemas import ContentModeration, FlaggedFrame
+from ..config import Settings
+from ..errors import ModelError
+from ..inference.batcher import InferenceBatcher
+from ..inference.clip import ClipModel
+from ..media.segmenter import fmt_time
+from .categories import CATEGORY_NAMES
+from .scoring import ModerationScorer, scores_dict, violations
+from ..schemas import ContentModeration, FlaggedFrame
 
 
 async def gather_threadsafe(futures: list[Future]) -> list:

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
-from .config import LiveSettings
-from .errors import AddressRefused, MediaError, SourceTimeout
-from .media.probe import finished_playlist, is_http
-from .media.replay import ReplayGuard
-from .media.source import MediaSource, SourceOptions
-from .pipeline import SegmentPipeline, StopMode
-from .schemas import STATUS_CAPACITY, STATUS_NO_DATA
+from ..config import LiveSettings
+from ..errors import AddressRefused, MediaError, SourceTimeout
+from ..media.probe import finished_playlist, is_http
+from ..media.replay import ReplayGuard
+from ..media.source import MediaSource, SourceOptions
+from .segments import SegmentPipeline, StopMode
+from ..schemas import STATUS_CAPACITY, STATUS_NO_DATA
 
 log = logging.getLogger(__name__)
 

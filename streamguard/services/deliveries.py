@@ -3,11 +3,11 @@ retried. The HTTP layer talks to this service, never to the store."""
 
 from __future__ import annotations
 
-from .delivery import DeliveryWorker
-from .errors import NotFound
-from .schemas import DeliveryListQuery
-from .store import AsyncStore, Store
-from .store.sqlite import DeliveryRow, Principal
+from ..delivery.worker import DeliveryWorker
+from ..errors import NotFound
+from ..schemas import DeliveryListQuery
+from ..store import AsyncStore, Store
+from ..store.sqlite import DeliveryRow, Principal
 
 
 class DeliveryService:

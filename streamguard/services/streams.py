@@ -19,23 +19,23 @@ from typing import Any, Callable
 
 import msgspec
 
-from .addresses import check_source_url, source_admission, validate_callback_url
-from .analysis import Analyzer
-from .delivery import DeliveryWorker, envelope, new_event_id, outbox_items
-from .config import Settings
-from .errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
-from .live import Failure, LiveSupervisor, TaskEnd, describe_failure
-from .media.probe import check_live_source
-from .media.hls import LiveMedia
-from .media.retention import DiskSpace
-from .media.source import SourceOptions
-from .metrics import Metrics
-from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
-from .schemas import (RENDITIONS, STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
+from ..addresses import check_source_url, source_admission, validate_callback_url
+from ..analysis.analyzer import Analyzer
+from ..delivery.worker import DeliveryWorker, envelope, new_event_id, outbox_items
+from ..config import Settings
+from ..errors import CapacityReached, FeatureUnavailable, InputInvalid, InsufficientBalance, NotFound, Unavailable
+from ..pipeline.live import Failure, LiveSupervisor, TaskEnd, describe_failure
+from ..media.probe import check_live_source
+from ..media.hls import LiveMedia
+from ..media.retention import DiskSpace
+from ..media.source import SourceOptions
+from ..metrics import Metrics
+from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
+from ..schemas import (RENDITIONS, STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
                       RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, encoder, status_record)
-from .store import AsyncStore
-from .store.sqlite import InsufficientBalance as StoreInsufficientBalance
-from .store.sqlite import KeyRevoked, OutboxItem, Principal, Store, TaskRow, new_id
+from ..store import AsyncStore
+from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
+from ..store.sqlite import KeyRevoked, OutboxItem, Principal, Store, TaskRow, new_id
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@ settings. The HTTP layer talks to this service, never to the store."""
 
 from __future__ import annotations
 
-from .config import DeliverySettings
-from .addresses import validate_callback_url
-from .errors import NotFound
-from .schemas import WebhookUpdate
-from .store import AsyncStore, Store
-from .store.sqlite import Principal, Project
+from ..config import DeliverySettings
+from ..addresses import validate_callback_url
+from ..errors import NotFound
+from ..schemas import WebhookUpdate
+from ..store import AsyncStore, Store
+from ..store.sqlite import Principal, Project
 
 
 class ProjectService:

@@ -31,13 +31,13 @@ from typing import Callable
 
 import av
 
-from .analysis import Analyzer, TextTokenMeter
-from .errors import StreamGuardError
-from .media.hls import LiveMedia, SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
-from .media.sampler import FrameSampler, SampledFrame, SamplerStats
-from .media.segmenter import CUT_CAP, Segment, Segmenter, fmt_time
-from .media.source import MediaSource
-from .schemas import (STATUS_ERROR, STATUS_OK, RecordBody, SegmentData, SegmentRecord, TokenUsage,
+from ..analysis.analyzer import Analyzer, TextTokenMeter
+from ..errors import StreamGuardError
+from ..media.hls import LiveMedia, SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
+from ..media.sampler import FrameSampler, SampledFrame, SamplerStats
+from ..media.segmenter import CUT_CAP, Segment, Segmenter, fmt_time
+from ..media.source import MediaSource
+from ..schemas import (STATUS_ERROR, STATUS_OK, RecordBody, SegmentData, SegmentRecord, TokenUsage,
                       status_record)
 
 log = logging.getLogger(__name__)

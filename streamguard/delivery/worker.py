@@ -28,12 +28,12 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from .addresses import AddressPolicy, PolicyResolver, send_time_problem
-from .config import DeliverySettings
-from .metrics import Metrics
-from .schemas import STREAM_EVENTS
-from .store import AsyncStore, Store
-from .store.sqlite import DeliveryRow, OutboxItem, Project
+from ..addresses import AddressPolicy, PolicyResolver, send_time_problem
+from ..config import DeliverySettings
+from ..metrics import Metrics
+from ..schemas import STREAM_EVENTS
+from ..store import AsyncStore, Store
+from ..store.sqlite import DeliveryRow, OutboxItem, Project
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO, TypeVar
 
-from .analysis import Analyzer, resolve_model_dir
-from .config import Settings
-from .errors import StreamGuardError
-from .media.source import MediaSource, SourceOptions
-from .pipeline import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
-from .schemas import encoder
+from ..analysis.analyzer import Analyzer, resolve_model_dir
+from ..config import Settings
+from ..errors import StreamGuardError
+from ..media.source import MediaSource, SourceOptions
+from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
+from ..schemas import encoder
 
 log = logging.getLogger(__name__)
 

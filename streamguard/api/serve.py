@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import ApiRunner, create_app
-from .config import Settings
-from .runtime import Runtime
+from .app import ApiRunner, create_app
+from ..config import Settings
+from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,15 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from . import __version__
-from .errors import InputInvalid, NotFound, StreamGuardError, Unauthorized, Unavailable, UnsupportedMediaType
-from .addresses import validate_callback_url
-from .runtime import Runtime
-from .schemas import (Delivery, DeliveryListQuery, ErrorBody, ErrorEnvelope, FieldInvalid, Page, ProjectView,
+from .. import __version__
+from ..errors import InputInvalid, NotFound, StreamGuardError, Unauthorized, Unavailable, UnsupportedMediaType
+from ..addresses import validate_callback_url
+from ..runtime import Runtime
+from ..schemas import (Delivery, DeliveryListQuery, ErrorBody, ErrorEnvelope, FieldInvalid, Page, ProjectView,
                       RecordPage, RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, StreamStarted,
                       StreamStartedData, StreamTask, Success, TaskCounters, WebhookUpdate, WebhookView)
-from .store import Store
-from .store.sqlite import DeliveryRow, Principal, Project, TaskRow
+from ..store import Store
+from ..store.sqlite import DeliveryRow, Principal, Project, TaskRow
 
 log = logging.getLogger(__name__)
 
