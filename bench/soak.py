@@ -35,6 +35,7 @@ from live_servers import Publisher, RtmpServer  # noqa: E402
 from videos import make_video  # noqa: E402
 
 from streamguard.inference.testmodel import make_test_bundle  # noqa: E402
+from streamguard.media.retention import tree_size  # noqa: E402
 
 SEGMENT = 2
 
@@ -64,17 +65,6 @@ def proc_status(pid: int, field: str) -> int:
     return 0
 
 
-def tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def metric_sum(text: str, name: str, label: str = "") -> float:
     pattern = rf"^{name}(\{{[^}}]*\}})? ([0-9.e+-]+)$"
     return sum(float(m.group(2)) for m in re.finditer(pattern, text, re.M) if label in (m.group(1) or ""))
@@ -87,7 +77,7 @@ def sample(d: Daemon, key: str, tasks: list[str], t0: float) -> Sample:
     store = sum(p.stat().st_size for p in d.data_dir.glob("streamguard.db*"))
     return Sample(
         t=time.monotonic() - t0, rss_mb=proc_status(pid, "VmRSS") / 1024, open_files=len(os.listdir(f"/proc/{pid}/fd")),
-        threads=proc_status(pid, "Threads"), media_bytes=tree_bytes(d.data_dir / "media"), store_bytes=store,
+        threads=proc_status(pid, "Threads"), media_bytes=tree_size(d.data_dir / "media"), store_bytes=store,
         records=int(metric_sum(metrics, "streamguard_segments_total")),
         errors=int(metric_sum(metrics, "streamguard_segments_total", 'status="-1"')),
         reconnects=int(metric_sum(metrics, "streamguard_source_reconnects_total")),

@@ -23,26 +23,17 @@ if TYPE_CHECKING:
     from .store import Store
 
 
-def _ranged_int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}")
-        return value
-    return parse
+def _ranged(kind: type[int] | type[float], lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` within [lo, hi]."""
+    noun = "an integer" if kind is int else "a number"
 
-
-def _ranged_float(lo: float, hi: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}")
+            raise argparse.ArgumentTypeError(f"must be between {kind(lo)} and {kind(hi)}")
         return value
     return parse
 
@@ -74,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = sub.add_parser("scan", help="run the segment pipeline on files or stream URLs, print records")
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help="video file path or stream URL")
-    scan.add_argument("--segment-seconds", type=_ranged_int(*bounds(SegmentSeconds)), default=None,
+    scan.add_argument("--segment-seconds", type=_ranged(int, *bounds(SegmentSeconds)), default=None,
                       help="segment length (5)")
-    scan.add_argument("--fps", type=_ranged_int(*bounds(Fps)), default=None,
+    scan.add_argument("--fps", type=_ranged(int, *bounds(Fps)), default=None,
                       help="frames sampled per second (1)")
-    scan.add_argument("--threshold", type=_ranged_float(*bounds(Threshold)), default=None, help="violation threshold (0.30)")
+    scan.add_argument("--threshold", type=_ranged(float, *bounds(Threshold)), default=None, help="violation threshold (0.30)")
     scan.add_argument("--out", metavar="DIR", type=Path, help="HLS output folder")
     scan.add_argument("--moderate", action="store_true", help="run content moderation")
     scan.add_argument("--renditions", type=_renditions, default=["source"],
@@ -87,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon: HTTP API, live tasks, metrics")
     serve.add_argument("--host", help="listen address (config server.host, default 127.0.0.1)")
-    serve.add_argument("--port", type=_ranged_int(0, 65535), help="listen port (config server.port, default 8080)")
+    serve.add_argument("--port", type=_ranged(int, 0, 65535), help="listen port (config server.port, default 8080)")
     _common(serve, model=True)
 
     keys = sub.add_parser("keys", help="create and revoke API keys, set token balances")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = ksub.add_parser("create", help="create a key for a project (created if new); prints the key last")
     kc.add_argument("--project", required=True, help="project name")
-    kc.add_argument("--balance", type=_ranged_int(0, 2**62), help="token balance (default: unmetered)")
+    kc.add_argument("--balance", type=_ranged(int, 0, 2**62), help="token balance (default: unmetered)")
     _common(kc)
     kr = ksub.add_parser("revoke", help="revoke a key (by key or key id)")
     kr.add_argument("key")
@@ -102,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb = ksub.add_parser("balance", help="show or set a key's token balance")
     kb.add_argument("key")
     group = kb.add_mutually_exclusive_group()
-    group.add_argument("--set", type=_ranged_int(0, 2**62), metavar="TOKENS", help="set the balance")
+    group.add_argument("--set", type=_ranged(int, 0, 2**62), metavar="TOKENS", help="set the balance")
     group.add_argument("--unmetered", action="store_true", help="remove the limit")
     _common(kb)
 
@@ -110,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     mk = msub.add_parser("make-test", help="write the deterministic test bundle to DIR")
     mk.add_argument("dir", type=Path)
-    mk.add_argument("--busy-layers", type=_ranged_int(0, 64), default=0,
+    mk.add_argument("--busy-layers", type=_ranged(int, 0, 64), default=0,
                     help="make the image encoder deliberately slow (for load tests; ~0.3 GFLOP/frame each)")
     pull = msub.add_parser("pull", help="download a real CLIP bundle (e.g. clip-vit-b32)")
     pull.add_argument("name", help="built-in source name or path to a source JSON")

@@ -128,7 +128,8 @@ def last_written(task_dir: Path) -> float:
     return max(times)
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
+    """Bytes in the files under `path` (files deleted meanwhile count as 0)."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -208,7 +209,7 @@ class MediaRetention:
             self._cursor[rendition] = index
 
     def _remove(self, task_dir: Path, result: SweepResult) -> None:
-        size = _tree_size(task_dir)
+        size = tree_size(task_dir)
         shutil.rmtree(task_dir, ignore_errors=True)
         result.dirs_deleted += 1
         result.bytes_freed += size
