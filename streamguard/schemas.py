@@ -263,7 +263,7 @@ class RecordPage(_Wire, Generic[T], kw_only=True):
     next_after: int | None
 
 
-# --- query strings: decoded into these (api.decode_query) and documented from them.
+# --- query strings: decoded into these (api/requests.py decode_query) and documented from them.
 # An optional filter is UNSET when absent: "" or "null" are not a value for it.
 
 PageNumber = Annotated[int, Meta(ge=1, le=1_000_000)]

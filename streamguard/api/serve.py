@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import ApiRunner, create_app
+from .app import create_app
+from .envelope import ApiRunner
 from ..config import Settings
 from ..runtime import Runtime
 
