@@ -41,13 +41,14 @@ class ClipModel:
         visual_path = self.bundle_dir / m.visual.file
         if self.provider == "CUDAExecutionProvider" and settings.fp16:
             visual_path = fp16_variant(visual_path, self.cache_dir) or visual_path
+        optimized = self.cache_dir if settings.save_optimized else None
         self._visual = create_session(visual_path, providers, cpu_threads=settings.cpu_threads,
-                                      cache_dir=self.cache_dir, digest=digests[m.visual.file])
+                                      cache_dir=optimized, digest=digests[m.visual.file])
         where = f"model bundle {self.bundle_dir}"
         self._visual_what = f"{where}: image encoder {m.visual.file}"
         self._text_what = f"{where}: text encoder {m.text.file}"
         self._text = create_session(self.bundle_dir / m.text.file, providers, cpu_threads=settings.cpu_threads,
-                                    cache_dir=self.cache_dir, digest=digests[m.text.file])
+                                    cache_dir=optimized, digest=digests[m.text.file])
         self._visual_io = visual_io(self._visual, m.visual, image_size=m.image_size,
                                     embedding_dim=m.embedding_dim, what=self._visual_what)
         self._text_io = text_io(self._text, m.text, context_length=m.tokenizer.context_length,
@@ -105,8 +106,8 @@ class ClipModel:
         for what, run, n in (
                 (self._visual_what,
                  lambda: self._visual_io.run(self._visual, [self.preprocess(
-                     np.zeros((2, m.image_size, m.image_size, 3), np.uint8))]), 2),
-                (self._text_what, lambda: self._run_text(*self.tokenize(["a photo", "a"])), 2)):
+                     np.zeros((1, m.image_size, m.image_size, 3), np.uint8))]), 1),
+                (self._text_what, lambda: self._run_text(*self.tokenize(["a photo"])), 1)):
             try:
                 out = run()
             except Exception as exc:  # onnxruntime's own errors: the first line says what

@@ -161,7 +161,17 @@ def create_session(model_path: Path, providers: list[Provider], *, cpu_threads: 
         raise ModelError(f"cannot load ONNX model {model_path}: {_first_line(exc)}") from None
     if cached is not None and tmp.is_file():
         tmp.replace(cached)
+        _prune(cached)
     return session
+
+
+def _prune(kept: Path) -> None:
+    """Drop optimised copies of the same file left by another ONNX Runtime
+    version or CPU kind: each is as large as the model and never read again."""
+    prefix = kept.name.split("-ort", 1)[0] + "-ort"
+    for old in kept.parent.glob(f"{prefix}*.onnx"):
+        if old != kept:
+            old.unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:
