@@ -34,6 +34,8 @@ def test_cpu_options(monkeypatch):
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert session_mod._session_options(CPU, 3).intra_op_num_threads == 3  # config wins
+    assert session_mod._session_options(CPU, 3, spin=True).get_session_config_entry(
+        "session.intra_op.allow_spinning") == "1"
 
 
 def _opened(monkeypatch) -> list[tuple[str, object]]:

@@ -42,12 +42,12 @@ class ClipModel:
         if self.provider == "CUDAExecutionProvider" and settings.fp16:
             visual_path = fp16_variant(visual_path, self.cache_dir) or visual_path
         optimized = self.cache_dir if settings.save_optimized else None
-        self._visual = create_session(visual_path, providers, cpu_threads=settings.cpu_threads,
+        self._visual = create_session(visual_path, providers, cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
                                       cache_dir=optimized, digest=digests[m.visual.file])
         where = f"model bundle {self.bundle_dir}"
         self._visual_what = f"{where}: image encoder {m.visual.file}"
         self._text_what = f"{where}: text encoder {m.text.file}"
-        self._text = create_session(self.bundle_dir / m.text.file, providers, cpu_threads=settings.cpu_threads,
+        self._text = create_session(self.bundle_dir / m.text.file, providers, cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
                                     cache_dir=optimized, digest=digests[m.text.file])
         self._visual_io = visual_io(self._visual, m.visual, image_size=m.image_size,
                                     embedding_dim=m.embedding_dim, what=self._visual_what)
