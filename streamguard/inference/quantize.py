@@ -11,6 +11,11 @@ text encoder is copied unchanged: it only runs for prompt sets, whose
 embeddings are cached, so int8 there would cost accuracy and save nothing per
 frame.
 
+Static quantization was measured as the alternative and rejected: on a
+random-weight ViT-B/32 exported from transformers, QDQ with MinMax calibration
+on 16 generated images gave mean cosine 0.926 (min 0.834) at 45 images/s,
+dynamic gives 0.9998 at 53 images/s (fp32: 22; 2 threads, batch 16).
+
 The result is checked before it is kept: both image encoders embed a fixed,
 seeded set of generated natural-like images (1/f noise fields, which have the
 spectrum of photographs, with hard-edged shapes on top) through the same
