@@ -181,7 +181,8 @@ def _broken(test_bundle: Path, tmp_path: Path, how: str) -> Path:
 
 BROKEN = {"missing_file": "missing textual.onnx", "truncated": "visual.onnx is .* bytes, the manifest says",
           "bad_checksum": "checksum mismatch for visual.onnx", "unreadable_onnx": "cannot load ONNX model",
-          "image_size": r"expected \[N, 3, 256, 256\]", "embedding_dim": "32 wide but the manifest's embedding_dim is 64",
+          "image_size": r"expected \[N, 3, 256, 256\]",
+          "embedding_dim": "32 wide but the manifest's embedding_dim is 64",
           "open_width": r"gives shape \[1, 32\] for 1 input\(s\), expected \[1, 48\]",
           "ambiguous_names": "cannot tell which output to use"}
 

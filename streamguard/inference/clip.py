@@ -41,14 +41,13 @@ class ClipModel:
         visual_path = self.bundle_dir / m.visual.file
         if self.provider == "CUDAExecutionProvider" and settings.fp16:
             visual_path = fp16_variant(visual_path, self.cache_dir) or visual_path
-        optimized = self.cache_dir if settings.save_optimized else None
-        self._visual = create_session(visual_path, providers, cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
-                                      cache_dir=optimized, digest=digests[m.visual.file])
+        cpu = dict(cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
+                   cache_dir=self.cache_dir if settings.save_optimized else None)
+        self._visual = create_session(visual_path, providers, digest=digests[m.visual.file], **cpu)
         where = f"model bundle {self.bundle_dir}"
         self._visual_what = f"{where}: image encoder {m.visual.file}"
         self._text_what = f"{where}: text encoder {m.text.file}"
-        self._text = create_session(self.bundle_dir / m.text.file, providers, cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
-                                    cache_dir=optimized, digest=digests[m.text.file])
+        self._text = create_session(self.bundle_dir / m.text.file, providers, digest=digests[m.text.file], **cpu)
         self._visual_io = visual_io(self._visual, m.visual, image_size=m.image_size,
                                     embedding_dim=m.embedding_dim, what=self._visual_what)
         self._text_io = text_io(self._text, m.text, context_length=m.tokenizer.context_length,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -161,18 +162,20 @@ def create_session(model_path: Path, providers: list[Provider], *, cpu_threads: 
     try:
         session = _open(model_path, opts, providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelError(f"cannot load ONNX model {model_path}: {_first_line(exc)}") from None
+        if cached is None:
+            raise ModelError(f"cannot load ONNX model {model_path}: {_first_line(exc)}") from None
+        tmp.unlink(missing_ok=True)  # perhaps only the optimised copy could not be written
+        return create_session(model_path, providers, cpu_threads=cpu_threads, spin=spin)
     if cached is not None and tmp.is_file():
         tmp.replace(cached)
-        _prune(cached)
+        _prune(cached, f"{model_path.stem}-{digest[:16]}-ort")
     return session
 
 
-def _prune(kept: Path) -> None:
+def _prune(kept: Path, prefix: str) -> None:
     """Drop optimised copies of the same file left by another ONNX Runtime
     version or CPU kind: each is as large as the model and never read again."""
-    prefix = kept.name.split("-ort", 1)[0] + "-ort"
-    for old in kept.parent.glob(f"{prefix}*.onnx"):
+    for old in kept.parent.glob(f"{glob.escape(prefix)}*.onnx"):
         if old != kept:
             old.unlink(missing_ok=True)
 
