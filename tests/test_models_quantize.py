@@ -3,6 +3,7 @@ report the fp32/int8 embedding cosine, and are refused below --min-cosine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ def test_quantized_test_bundle_scores_the_planted_behaviour_the_same(cli, test_b
     assert "mean 1.0000" in res.stdout or "mean 0.99" in res.stdout
     report = read_manifest(tmp_path / "q").quantization
     assert report is not None and report.mean_cosine >= 0.99 and report.images == 32
+    shown = json.loads(cli("models", "inspect", tmp_path / "q").stdout)["quantization"]
+    assert shown["mean_cosine"] == report.mean_cosine
     model = ClipModel(tmp_path / "q", ModelSettings(providers="cpu"), tmp_path / "c")
     scores = ModerationScorer(model, tmp_path / "s").score(
         model.encode_images(frames_with_red_fraction([1.0, 0.7, 0.55, 0.45, 0.2, 0.0])))
