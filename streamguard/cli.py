@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--unmetered", action="store_true", help="remove the limit")
     _common(kb)
 
-    models = sub.add_parser("models", help="list, inspect, build and pull model bundles")
+    models = sub.add_parser("models", help="list, inspect, build, pull and quantize model bundles")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     mk = msub.add_parser("make-test", help="write the deterministic test bundle to DIR")
     mk.add_argument("dir", type=Path)
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--data-dir", metavar="DIR")
     msub.add_parser("list", help="list pullable sources and bundles under <data-dir>/models") \
         .add_argument("--data-dir", metavar="DIR")
+    qz = msub.add_parser("quantize", help="write an int8 copy of a bundle for CPU, checked against fp32")
+    qz.add_argument("src", type=Path, help="bundle to quantize")
+    qz.add_argument("--dest", type=Path, required=True, help="new bundle directory (must not exist or be empty)")
+    qz.add_argument("--min-cosine", type=_ranged_float(0.0, 1.0), default=0.99,
+                    help="refuse when the mean fp32/int8 embedding cosine is below this (0.99)")
     insp = msub.add_parser("inspect", help="show a bundle's manifest, files and providers")
     insp.add_argument("dir", type=Path)
     return parser
@@ -157,6 +162,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         dest = args.dest or _settings(args).data_dir / "models" / Path(args.name).stem
         path = pull_bundle(args.name, dest, base_url=args.base_url)
         print(f"pulled {args.name} to {path}")
+        return 0
+    if action == "quantize":
+        from .inference.quantize import quantize_bundle
+        r = quantize_bundle(args.src, args.dest, min_cosine=args.min_cosine)
+        print(f"wrote {args.dest}: {', '.join(r.quantized)} quantized ({r.method})")
+        print(f"embedding cosine int8 vs fp32 on {r.images} generated images (seed {r.seed}): "
+              f"mean {r.mean_cosine:.4f}, min {r.min_cosine:.4f} (bound {args.min_cosine})")
+        print(f"image encoder on this machine: fp32 {r.fp32_images_per_s:.1f} images/s, "
+              f"int8 {r.int8_images_per_s:.1f} images/s")
         return 0
     if action == "list":
         from .inference.pull import list_sources

@@ -95,7 +95,7 @@ def test_missing_or_broken_bundle_is_a_clear_error(tmp_path, test_bundle):
     for f in test_bundle.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "visual.onnx").write_bytes(b"not onnx")
-    with pytest.raises(ModelError, match="cannot load ONNX model"):
+    with pytest.raises(ModelError, match="visual.onnx is 8 bytes, the manifest says"):
         ClipModel(broken, ModelSettings(), tmp_path / "c")
 
 

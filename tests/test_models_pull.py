@@ -305,7 +305,12 @@ def test_env_overrides_base_url(bundle: Path, hub: Hub, tmp_path: Path, monkeypa
 def test_builtin_clip_source() -> None:
     assert "clip-vit-b32" in list_sources()
     src = load_source("clip-vit-b32")
-    assert src.base_url == "https://huggingface.co/immich-app/ViT-B-32__openai/resolve/main/"
+    # Pinned to one hub commit: `main` has been re-exported since, so only a
+    # revision makes the published LFS sha256/size below stay true.
+    assert src.base_url == ("https://huggingface.co/immich-app/ViT-B-32__openai/resolve/"
+                            "77520f2136c0467e32b012be8d190ccf110c5667/")
+    for name in ("visual.onnx", "textual.onnx"):
+        assert len(src.files[name].sha256) == 64 and src.files[name].size > 200_000_000
     assert set(src.files) == {"visual.onnx", "textual.onnx", "tokenizer.json"}
     assert src.files["textual.onnx"].url == "textual/model.onnx"
     m = src.manifest

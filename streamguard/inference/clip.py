@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from ..config import ModelSettings
 from ..errors import ModelError
-from .bundle import Manifest, bundle_fingerprint, read_manifest
+from .bundle import Manifest, bundle_fingerprint, read_manifest, verify_bundle
+from .graphio import check_probe, text_io, visual_io
 from .session import choose_providers, create_session, fp16_variant
 
 log = logging.getLogger(__name__)
@@ -33,28 +34,32 @@ class ClipModel:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         m = self.manifest
-        for name in (m.visual.file, m.text.file, m.tokenizer.file):
-            if not (self.bundle_dir / name).is_file():
-                raise ModelError(f"model bundle {bundle_dir} is missing {name}")
         self.cache_dir = Path(cache_dir)
+        digests = verify_bundle(self.bundle_dir, m, self.cache_dir)
         providers = choose_providers(settings.providers, fp16=settings.fp16, cache_dir=self.cache_dir)
         self.provider = providers[0][0]
         visual_path = self.bundle_dir / m.visual.file
         if self.provider == "CUDAExecutionProvider" and settings.fp16:
             visual_path = fp16_variant(visual_path, self.cache_dir) or visual_path
-        self._visual = create_session(visual_path, providers, cpu_threads=settings.cpu_threads)
-        self._text = create_session(self.bundle_dir / m.text.file, providers, cpu_threads=settings.cpu_threads)
-        self._visual_in = m.visual.input or self._visual.get_inputs()[0].name
-        self._visual_out = m.visual.output or self._visual.get_outputs()[0].name
-        self._text_in = m.text.input or self._text.get_inputs()[0].name
-        self._text_out = m.text.output or self._text.get_outputs()[0].name
+        cpu = dict(cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
+                   cache_dir=self.cache_dir if settings.save_optimized else None)
+        self._visual = create_session(visual_path, providers, digest=digests[m.visual.file], **cpu)
+        where = f"model bundle {self.bundle_dir}"
+        self._visual_what = f"{where}: image encoder {m.visual.file}"
+        self._text_what = f"{where}: text encoder {m.text.file}"
+        self._text = create_session(self.bundle_dir / m.text.file, providers, digest=digests[m.text.file], **cpu)
+        self._visual_io = visual_io(self._visual, m.visual, image_size=m.image_size,
+                                    embedding_dim=m.embedding_dim, what=self._visual_what)
+        self._text_io = text_io(self._text, m.text, context_length=m.tokenizer.context_length,
+                                embedding_dim=m.embedding_dim, what=self._text_what)
         self._tokenizer = self._load_tokenizer()
         self._tok_lock = threading.Lock()
-        self.fingerprint = bundle_fingerprint(self.bundle_dir, m)
+        self.fingerprint = bundle_fingerprint(self.bundle_dir, m, digests)
         # (x/255 - mean)/std == x*scale - offset, per channel, on NCHW
         inv_std = 1.0 / (np.asarray(m.std, np.float32) * 255.0)
         self._scale = inv_std.reshape(1, 3, 1, 1)
         self._offset = (np.asarray(m.mean, np.float32) * 255.0 * inv_std).reshape(1, 3, 1, 1)
+        self._probe()
         log.info("model %s loaded on %s", m.name, self.active_providers[0])
 
     @property
@@ -92,9 +97,29 @@ class ClipModel:
         x -= self._offset
         return x
 
+    def _probe(self) -> None:
+        """Run each encoder once on a tiny input, so shapes the graph's
+        metadata leaves open (a dynamic output width) and kernels that fail
+        only when run are one clear error at load, not mid-stream."""
+        m = self.manifest
+        for what, run, n in (
+                (self._visual_what,
+                 lambda: self._visual_io.run(self._visual, [self.preprocess(
+                     np.zeros((1, m.image_size, m.image_size, 3), np.uint8))]), 1),
+                (self._text_what, lambda: self._run_text(*self.tokenize(["a photo"])), 1)):
+            try:
+                out = run()
+            except Exception as exc:  # onnxruntime's own errors: the first line says what
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelError(f"{what} fails on a probe input: {first}") from None
+            check_probe(np.asarray(out), n, m.embedding_dim, what)
+
     def encode_images(self, crops: np.ndarray) -> np.ndarray:
-        out = self._visual.run([self._visual_out], {self._visual_in: self.preprocess(crops)})[0]
+        out = self._visual_io.run(self._visual, [self.preprocess(crops)])
         return l2_normalize(out.astype(np.float32, copy=False))
+
+    def _run_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self._text_io.run(self._text, [ids, mask][:len(self._text_io.inputs)])
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         with self._tok_lock:  # the tokenizer's padding state is not thread-safe to share
@@ -106,8 +131,5 @@ class ClipModel:
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Normalised text embeddings, and the number of real (non-pad) tokens encoded."""
         ids, mask = self.tokenize(texts)
-        feeds = {self._text_in: ids.astype(self.manifest.text.input_dtype)}
-        if self.manifest.text.attention_mask:
-            feeds[self.manifest.text.attention_mask] = mask.astype(self.manifest.text.input_dtype)
-        out = self._text.run([self._text_out], feeds)[0]
+        out = self._run_text(ids, mask)
         return l2_normalize(out.astype(np.float32, copy=False)), int(mask.sum())

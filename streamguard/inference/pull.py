@@ -462,6 +462,7 @@ def describe_bundle(bundle_dir: Path, *, verify: bool = False) -> dict[str, Any]
         "logit_scale": m.logit_scale,
         "context_length": m.tokenizer.context_length,
         "text_input_dtype": m.text.input_dtype,
+        "quantization": msgspec.to_builtins(m.quantization),
         "files": files,
         "total_size": sum(f["size"] or 0 for f in files),
         "complete": all(f["present"] and (not f["expected_size"] or f["size"] == f["expected_size"])
