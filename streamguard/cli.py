@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz = msub.add_parser("quantize", help="write an int8 copy of a bundle for CPU, checked against fp32")
     qz.add_argument("src", type=Path, help="bundle to quantize")
     qz.add_argument("--dest", type=Path, required=True, help="new bundle directory (must not exist or be empty)")
-    qz.add_argument("--min-cosine", type=_ranged_float(0.0, 1.0), default=0.99,
+    qz.add_argument("--min-cosine", type=_ranged(float, 0.0, 1.0), default=0.99,
                     help="refuse when the mean fp32/int8 embedding cosine is below this (0.99)")
     insp = msub.add_parser("inspect", help="show a bundle's manifest, files and providers")
     insp.add_argument("dir", type=Path)
