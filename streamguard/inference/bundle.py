@@ -64,6 +64,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     text: TextEncoderSpec
     tokenizer: TokenizerSpec = msgspec.field(default_factory=TokenizerSpec)
     files: dict[str, FileEntry] = {}
+    # A real architecture with random weights (`models export --random-init`):
+    # it costs what the model costs and knows nothing; for measurements only.
+    shape_real: bool = False
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:
