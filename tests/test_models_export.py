@@ -117,6 +117,7 @@ def test_random_init_bundle_is_marked_and_scan_warns(cli, tmp_path):
     assert res.returncode == 0, res.stderr
     m = read_manifest(dest)
     assert m.shape_real and "NOT A MODEL" in m.description and m.tokens_per_image == 50
+    assert json.loads(cli("models", "inspect", dest).stdout)["shape_real"] is True
     video = make_video(tmp_path / "v.mp4", seconds=2, fps=10, width=160, height=120, audio=False)
     scan = cli("scan", video, "--moderate", "--segment-seconds", "2", "--model", dest, "--data-dir", tmp_path)
     assert scan.returncode == 0, scan.stderr
