@@ -32,10 +32,14 @@ def _clip_tokenizer(path: Path) -> int:
     chars = sorted(ByteLevel.alphabet())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"),
-                                         pad_token="<|endoftext|>")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tok = transformers.CLIPTokenizerFast(vocab=vocab, merges=[], pad_token="<|endoftext|>")
+    else:
+        (path / "vocab.json").write_text(json.dumps(vocab))
+        (path / "merges.txt").write_text("#version: 0.2\n")
+        tok = transformers.CLIPTokenizerFast(vocab_file=str(path / "vocab.json"),
+                                             merges_file=str(path / "merges.txt"), pad_token="<|endoftext|>")
+    assert tok.eos_token_id == vocab["<|endoftext|>"] and len(set(tok("a dog").input_ids)) > 3
     tok.save_pretrained(str(path))
     return vocab["<|endoftext|>"]
 
@@ -91,6 +95,7 @@ def test_export_hf_round_trip(cli, hf_dir, tmp_path):
     txt, tokens = model.encode_texts(TEXTS)
     assert img.shape == (3, 24) and txt.shape == (3, 24) and tokens > len(TEXTS) * 2
     ids, _ = model.tokenize(TEXTS)
+    assert len({tuple(row) for row in ids}) == len(TEXTS)  # the real tokenizer came along, not a stand-in
     ref_img, ref_txt = _reference(hf_dir, crops, ids)
     assert np.abs(img - ref_img).max() < 1e-4 and np.abs(txt - ref_txt).max() < 1e-4
     assert (img * ref_img).sum(axis=1).min() > 0.9999 and (txt * ref_txt).sum(axis=1).min() > 0.9999
@@ -153,3 +158,20 @@ def test_runtime_never_imports_torch():
             "assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hf_dir_without_tokenizer_is_refused(hf_dir, tmp_path):
+    """transformers would build an empty tokenizer from the model type; export says what is missing."""
+    import shutil
+
+    from streamguard.errors import ModelError
+    from streamguard.inference.export import export_hf
+
+    src = tmp_path / "no-tokenizer"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        if f.name in ("config.json", "preprocessor_config.json") or f.suffix == ".safetensors":
+            shutil.copy2(f, src / f.name)
+    with pytest.raises(ModelError, match="has no tokenizer"):
+        export_hf(src, tmp_path / "bundle")
+    assert not (tmp_path / "bundle" / "manifest.json").exists()

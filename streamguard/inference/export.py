@@ -168,9 +168,13 @@ def _hf_preprocessing(src: Path, image_size: int) -> tuple[tuple, tuple]:
     return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
 
 
-def _hf_tokenizer(src: Path, dest: Path, context: int) -> TokenizerSpec:
+def _hf_tokenizer(src: Path, dest: Path, text_config: Any) -> TokenizerSpec:
     from transformers import AutoTokenizer
 
+    # Without its files, transformers would build an empty tokenizer from the
+    # model type, and export would "succeed" with a text side that knows no word.
+    if not ((src / TOKENIZER_FILE).is_file() or (src / "vocab.json").is_file()):
+        raise ModelError(f"{src} has no tokenizer ({TOKENIZER_FILE}, or vocab.json + merges.txt)")
     try:
         tok = AutoTokenizer.from_pretrained(str(src), use_fast=True)
     except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
@@ -178,9 +182,21 @@ def _hf_tokenizer(src: Path, dest: Path, context: int) -> TokenizerSpec:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ModelError(f"the tokenizer in {src} has no fast (tokenizer.json) form")
+    size = backend.get_vocab_size()
+    if size > text_config.vocab_size:
+        raise ModelError(f"the tokenizer in {src} has {size} tokens, the text model only {text_config.vocab_size}")
+    # CLIP's text transformer pools at the end-of-text token: the first one
+    # with the configured id, or (configs from before transformers 4.31, eos
+    # id 2) the highest id in the sequence. A tokenizer whose end-of-text is
+    # elsewhere would give silently wrong text embeddings.
+    eos = tok.eos_token_id
+    expected = size - 1 if text_config.eos_token_id == 2 else text_config.eos_token_id
+    if eos != expected:
+        raise ModelError(f"the tokenizer in {src} ends texts with id {eos}, but the text model pools at id {expected}")
     backend.no_padding()
     backend.no_truncation()
     backend.save(str(dest / TOKENIZER_FILE))
+    context = text_config.max_position_embeddings
     max_len = tok.model_max_length if isinstance(tok.model_max_length, int) and tok.model_max_length < 10**6 \
         else context
     return TokenizerSpec(file=TOKENIZER_FILE, context_length=min(context, max_len),
@@ -285,9 +301,9 @@ def export_hf(src: Path, dest: Path) -> tuple[Manifest, Verification]:
         clip = transformers.CLIPModel.from_pretrained(str(src), torch_dtype=torch.float32).eval()
     except Exception as exc:  # a wrong or damaged checkpoint: one line, not a traceback
         raise ModelError(f"cannot load {src} as a CLIP model: {exc}") from None
-    dest = _prepare_dest(dest)
-    tokenizer = _hf_tokenizer(src, dest, clip.config.text_config.max_position_embeddings)
     mean, std = _hf_preprocessing(src, clip.config.vision_config.image_size)
+    dest = _prepare_dest(dest)
+    tokenizer = _hf_tokenizer(src, dest, clip.config.text_config)
     name = getattr(clip.config, "_name_or_path", "") or src.name
     return _finish(clip, torch, dest, name=Path(name).name or src.name, mean=mean, std=std,
                    description=f"exported from {src.resolve()} by streamguard models export",
