@@ -4,13 +4,14 @@ into bench/out/ (needs the export extra the first time).
 
 For each precision (fp32; int8 from `streamguard.inference.quantize`) and each
 ONNX Runtime intra-op thread count, it measures images/s of
-  raw      the visual session (the project's session settings, as ClipModel
-           loads it) running plain `session.run` on a ready float32 batch of
+  raw      the visual session ClipModel loaded (the project's session
+           settings) running plain `session.run` on a ready float32 batch of
            1, 8 and 32;
-  batcher  the project's InferenceBatcher (default max_batch/max_wait) over
-           ClipModel.encode_images (preprocessing included), fed 224x224 uint8
-           crops by N producer threads, each submitting a segment's frames (5,
-           as at 5 s segments and fps 1) and waiting for them, as pipelines do.
+  batcher  the InferenceBatcher exactly as the daemon wires it
+           (Analyzer.create, default inference settings; preprocessing
+           included), fed 224x224 uint8 crops by N producer threads, each
+           submitting a segment's frames (5, as at 5 s segments and fps 1) and
+           waiting for them, as pipelines do.
 and prints a table with batcher/raw (raw = the best raw batch size; target
 >= 90 %) and int8/fp32 (best of each; target >= 2x).
 
@@ -41,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE.parent))
 
-from streamguard.config import InferenceSettings, ModelSettings  # noqa: E402
-from streamguard.inference.batcher import InferenceBatcher  # noqa: E402
+from streamguard.analysis.analyzer import Analyzer  # noqa: E402
+from streamguard.config import load_settings  # noqa: E402
 from streamguard.inference.bundle import FileEntry, read_manifest, sha256_file, write_manifest  # noqa: E402
 from streamguard.inference.clip import ClipModel  # noqa: E402
 from streamguard.inference.export import make_shape_real_bundle  # noqa: E402
@@ -99,8 +100,10 @@ def int8_bundle(src: Path) -> tuple[Path, str]:
     return dest, how
 
 
-def _load(bundle: Path, threads: int, cache: Path) -> ClipModel:
-    return ClipModel(bundle, ModelSettings(providers="cpu", cpu_threads=threads), cache)
+def _load(bundle: Path, threads: int, data_dir: Path, on_batch) -> Analyzer:
+    settings = load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(data_dir)}, "model": {"providers": "cpu", "cpu_threads": threads}})
+    return Analyzer.create(settings, bundle, on_batch=on_batch)
 
 
 def _timed(run_once, seconds: float) -> tuple[int, float]:
@@ -115,7 +118,8 @@ def _timed(run_once, seconds: float) -> tuple[int, float]:
 
 def raw_rate(model: ClipModel, batch: int, seconds: float) -> float:
     # The session ClipModel built (the project's options); plain run on a ready batch.
-    session, name_in, name_out = model._visual, model._visual_in, model._visual_out  # noqa: SLF001
+    session = model._visual  # noqa: SLF001
+    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
     crops = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     feed = {name_in: model.preprocess(crops)}
 
@@ -126,12 +130,10 @@ def raw_rate(model: ClipModel, batch: int, seconds: float) -> float:
     return done / elapsed
 
 
-def batcher_rate(model: ClipModel, producers: int, seconds: float) -> tuple[float, float]:
-    """Images/s and mean batch size with `producers` threads feeding the batcher."""
-    cfg = InferenceSettings()
-    batches: list[int] = []
-    batcher = InferenceBatcher(model.encode_images, max_batch=cfg.max_batch, max_wait=cfg.max_wait_ms / 1000,
-                               on_batch=lambda n, _t: batches.append(n))
+def batcher_rate(analyzer: Analyzer, batches: list[int], producers: int, seconds: float) -> tuple[float, float]:
+    """Images/s and mean batch size with `producers` threads feeding the batcher
+    (`batches` is filled by the analyzer's on_batch)."""
+    batcher = analyzer.batcher
     crops = np.random.default_rng(1).integers(0, 256, (FRAMES_PER_SUBMIT, 224, 224, 3), dtype=np.uint8)
     wait([batcher.submit(c) for c in crops])  # warm-up
     batches.clear()
@@ -153,7 +155,6 @@ def batcher_rate(model: ClipModel, producers: int, seconds: float) -> tuple[floa
     for t in threads:
         t.join(timeout=120)
     elapsed = time.perf_counter() - started
-    batcher.close()
     return sum(counts) / elapsed, (sum(batches) / len(batches) if batches else 0.0)
 
 
@@ -182,11 +183,12 @@ def main() -> None:
     results: list[dict] = []
     best: dict[tuple[str, int], float] = {}
     print(f"{'precision':9} {'threads':>7} {'mode':<14} {'images/s':>9} {'vs raw best':>11} {'mean batch':>10}")
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as data_dir:
         for precision in precisions:
             for threads in args.threads:
-                model = _load(bundles[precision], threads, Path(cache))
-                raw = {b: raw_rate(model, b, args.seconds) for b in args.batches}
+                batches: list[int] = []
+                analyzer = _load(bundles[precision], threads, Path(data_dir), lambda n, _t: batches.append(n))
+                raw = {b: raw_rate(analyzer.model, b, args.seconds) for b in args.batches}
                 peak = max(raw.values()) if raw else float("nan")
                 best[(precision, threads)] = peak
                 for b, rate in raw.items():
@@ -194,12 +196,12 @@ def main() -> None:
                           f"{b:>10}", flush=True)
                     results.append(dict(precision=precision, threads=threads, mode="raw", batch=b, rate=rate))
                 for n in args.producers:
-                    rate, mean_batch = batcher_rate(model, n, args.seconds)
+                    rate, mean_batch = batcher_rate(analyzer, batches, n, args.seconds)
                     print(f"{precision:9} {threads:>7} {'batcher N=' + str(n):<14} {rate:9.1f} {rate / peak:10.0%} "
                           f"{mean_batch:10.1f}", flush=True)
                     results.append(dict(precision=precision, threads=threads, mode="batcher", producers=n,
                                         rate=rate, mean_batch=mean_batch, ratio_vs_raw_best=rate / peak))
-                del model
+                analyzer.close()
     if {"fp32", "int8"} <= set(precisions):
         for threads in args.threads:
             ratio = best[("int8", threads)] / best[("fp32", threads)]

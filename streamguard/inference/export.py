@@ -147,10 +147,14 @@ def _quiet() -> Iterator[None]:
 def _export_onnx(torch: Any, module: Any, example: Any, path: Path, in_name: str, out_name: str) -> None:
     # The TorchScript exporter: it needs no extra package (the dynamo one
     # wants onnxscript) and handles CLIP's graphs at opset 17.
-    with torch.no_grad(), _quiet():
-        torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
-                          dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    try:
+        with torch.no_grad(), _quiet():
+            torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
+                              dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    except Exception as exc:  # the exporter's own errors: its first line says what
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"ONNX export of {path.name} failed: {first}") from None
 
 
 # ------------------------------------------------------------ sources
