@@ -175,3 +175,17 @@ def test_hf_dir_without_tokenizer_is_refused(hf_dir, tmp_path):
     with pytest.raises(ModelError, match="has no tokenizer"):
         export_hf(src, tmp_path / "bundle")
     assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+
+def test_make_shape_real_bundle_builds_once(tmp_path, test_bundle):
+    from streamguard.errors import ModelError
+    from streamguard.inference.export import make_shape_real_bundle
+
+    dest = tmp_path / "sr"
+    m = make_shape_real_bundle(dest, "tiny")
+    assert m.shape_real and m.name == "shape-real-tiny"
+    stamp = (dest / "visual.onnx").stat().st_mtime_ns
+    assert make_shape_real_bundle(dest, "tiny") == m and (dest / "visual.onnx").stat().st_mtime_ns == stamp
+    with pytest.raises(ModelError, match="holds another bundle"):
+        make_shape_real_bundle(test_bundle, "tiny")
+    assert not read_manifest(test_bundle).shape_real  # manifests from before the field load as real models
