@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import __version__, logsafe
 from .config import Settings, load_settings
 from .errors import NotFound as NotFoundError
-from .errors import StreamGuardError
+from .errors import InputInvalid, StreamGuardError
 from .schemas import RENDITIONS, Fps, SegmentSeconds, Threshold, bounds
 
 if TYPE_CHECKING:
@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse when the mean fp32/int8 embedding cosine is below this (0.99)")
     insp = msub.add_parser("inspect", help="show a bundle's manifest, files and providers")
     insp.add_argument("dir", type=Path)
+    exp = msub.add_parser("export", help="turn local CLIP weights (a Hugging Face directory) into a verified "
+                                         "bundle; needs pip install 'streamguard[export]'")
+    exp.add_argument("src", nargs="?", type=Path, help="Hugging Face CLIP directory (save_pretrained output)")
+    exp.add_argument("--random-init", metavar="ARCH", choices=("vit-b-32", "tiny"),
+                     help="instead of SRC: this architecture with random weights, a shape-real bundle for "
+                          "cost measurement only (vit-b-32; tiny is for tests)")
+    exp.add_argument("--seed", type=_ranged(int, 0, 2**31), default=0, help="seed for --random-init (0)")
+    exp.add_argument("--dest", type=Path, required=True, help="bundle directory to write (new or empty)")
     return parser
 
 
@@ -178,6 +186,18 @@ def cmd_models(args: argparse.Namespace) -> int:
         root = _settings(args).data_dir / "models"
         for d in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
             print(f"bundle: {d.parent}")
+        return 0
+    if action == "export":
+        from .inference import export
+        if (args.src is None) == (args.random_init is None):
+            raise InputInvalid("give either SRC or --random-init ARCH")
+        if args.random_init:
+            manifest, check = export.export_random(args.random_init, args.dest, seed=args.seed)
+        else:
+            manifest, check = export.export_hf(args.src, args.dest)
+        print(f"verified against the framework: {check.summary()}")
+        kind = " (shape-real: random weights, not a model)" if manifest.shape_real else ""
+        print(f"exported {manifest.name!r}{kind} to {args.dest}")
         return 0
     if action == "inspect":
         from .inference.pull import describe_bundle

@@ -84,6 +84,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     files: dict[str, FileEntry] = {}
     # Set by `streamguard models quantize` on the bundle it writes.
     quantization: QuantizeReport | None = None
+    # A real architecture with random weights (`models export --random-init`):
+    # it costs what the model costs and knows nothing; for measurements only.
+    shape_real: bool = False
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:

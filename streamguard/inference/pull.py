@@ -455,6 +455,7 @@ def describe_bundle(bundle_dir: Path, *, verify: bool = False) -> dict[str, Any]
         "name": m.name,
         "family": m.family,
         "description": m.description,
+        "shape_real": m.shape_real,
         "format": m.format,
         "image_size": m.image_size,
         "embedding_dim": m.embedding_dim,
