@@ -17,13 +17,15 @@ from streamguard.inference.bundle import read_manifest
 from streamguard.inference.clip import ClipModel
 from streamguard.inference.quantize import natural_images, quantize_bundle
 
-from shape_real import make_shape_real_bundle
+from streamguard.inference.export import make_shape_real_bundle
 from test_model_scoring import frames_with_red_fraction
 
 
 @pytest.fixture(scope="module")
 def small_vit(tmp_path_factory) -> Path:
-    return make_shape_real_bundle(tmp_path_factory.mktemp("vit") / "b", small=True)
+    dest = tmp_path_factory.mktemp("vit") / "b"
+    make_shape_real_bundle(dest, "tiny")
+    return dest
 
 
 def test_quantized_test_bundle_scores_the_planted_behaviour_the_same(cli, test_bundle, tmp_path):

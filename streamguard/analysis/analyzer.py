@@ -5,6 +5,7 @@ of its record."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from concurrent.futures import CancelledError, Future
 from fractions import Fraction
@@ -21,6 +22,8 @@ from ..media.segmenter import fmt_time
 from .categories import CATEGORY_NAMES
 from .scoring import ModerationScorer, scores_dict, violations
 from ..schemas import ContentModeration, FlaggedFrame
+
+log = logging.getLogger(__name__)
 
 
 async def gather_threadsafe(futures: list[Future]) -> list:
@@ -92,6 +95,9 @@ class Analyzer:
                on_batch: Callable[[int, float], None] | None = None) -> "Analyzer":
         cache = settings.data_dir / "cache"
         model = ClipModel(model_dir, settings.model, cache)
+        if model.manifest.shape_real:  # said where serve and scan load it, not by tools that convert it
+            log.warning("model bundle %s (%s) has random weights: it is not a model, its scores mean "
+                        "nothing (only for measuring inference cost)", model_dir, model.manifest.name)
         batcher = InferenceBatcher(model.encode_images, max_batch=settings.inference.max_batch,
                                    max_wait=settings.inference.max_wait_ms / 1000, on_batch=on_batch)
         return cls(model, batcher, ModerationScorer(model, cache))

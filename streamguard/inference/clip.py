@@ -61,9 +61,6 @@ class ClipModel:
         self._offset = (np.asarray(m.mean, np.float32) * 255.0 * inv_std).reshape(1, 3, 1, 1)
         self._probe()
         log.info("model %s loaded on %s", m.name, self.active_providers[0])
-        if m.shape_real:
-            log.warning("model bundle %s (%s) has random weights: it is not a model, its scores mean "
-                        "nothing (only for measuring inference cost)", self.bundle_dir, m.name)
 
     @property
     def image_size(self) -> int:
