@@ -15,7 +15,9 @@ from tokenizers import Tokenizer
 from ..config import ModelSettings
 from ..errors import ModelError
 from .bundle import Manifest, bundle_fingerprint, read_manifest
-from .session import choose_providers, create_session, fp16_variant
+from .binding import BoundEncoder
+from .session import (choose_providers, create_session, fp16_variant, model_cache_dir, session_device,
+                      with_batch_profile)
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
 
+def _first_input(model_path: Path) -> str:
+    """A graph's first input name, read without loading its weights' data."""
+    import onnx
+    return onnx.load(str(model_path), load_external_data=False).graph.input[0].name
+
+
 class ClipModel:
     """One loaded bundle. `encode_images` is called from the batcher's thread
     only; ONNX Runtime releases the GIL while it runs."""
 
-    def __init__(self, bundle_dir: Path, settings: ModelSettings, cache_dir: Path) -> None:
+    def __init__(self, bundle_dir: Path, settings: ModelSettings, cache_dir: Path, *, max_batch: int = 32) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         m = self.manifest
@@ -40,9 +48,17 @@ class ClipModel:
         providers = choose_providers(settings.providers, fp16=settings.fp16, cache_dir=self.cache_dir)
         self.provider = providers[0][0]
         visual_path = self.bundle_dir / m.visual.file
+        visual_providers = providers
+        if self.provider == "TensorrtExecutionProvider":
+            # Engines per model file, and one profile for every batch size up to max_batch.
+            visual_providers = choose_providers(settings.providers, fp16=settings.fp16,
+                                                cache_dir=model_cache_dir(self.cache_dir, visual_path))
+            visual_providers = with_batch_profile(visual_providers, m.visual.input or _first_input(visual_path),
+                                                  m.image_size, max_batch)
         if self.provider == "CUDAExecutionProvider" and settings.fp16:
             visual_path = fp16_variant(visual_path, self.cache_dir) or visual_path
-        self._visual = create_session(visual_path, providers, cpu_threads=settings.cpu_threads)
+        self._visual = create_session(visual_path, visual_providers, cpu_threads=settings.cpu_threads)
+        self._bound: BoundEncoder | None = None
         self._text = create_session(self.bundle_dir / m.text.file, providers, cpu_threads=settings.cpu_threads)
         self._visual_in = m.visual.input or self._visual.get_inputs()[0].name
         self._visual_out = m.visual.output or self._visual.get_outputs()[0].name
@@ -92,9 +108,21 @@ class ClipModel:
         x -= self._offset
         return x
 
-    def encode_images(self, crops: np.ndarray) -> np.ndarray:
-        out = self._visual.run([self._visual_out], {self._visual_in: self.preprocess(crops)})[0]
+    def use_io_binding(self) -> None:
+        """Run the image encoder through IO binding on its session's device."""
+        self._bound = BoundEncoder(self._visual, self._visual_in, self._visual_out,
+                                   session_device(self.active_providers))
+
+    def encode_prepared(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings of `preprocess` output."""
+        if self._bound is not None:
+            out = self._bound.run(x)
+        else:
+            out = self._visual.run([self._visual_out], {self._visual_in: x})[0]
         return l2_normalize(out.astype(np.float32, copy=False))
+
+    def encode_images(self, crops: np.ndarray) -> np.ndarray:
+        return self.encode_prepared(self.preprocess(crops))
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         with self._tok_lock:  # the tokenizer's padding state is not thread-safe to share
