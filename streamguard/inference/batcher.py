@@ -139,6 +139,9 @@ class InferenceBatcher:
                 self._handoff.put(None)
                 return
             if len(batch) >= cap or stopping:
+                if prepared < len(batch):  # the encoder is busy: prepare while it runs
+                    parts.append(self._prepare_frames(batch[prepared:]))
+                    prepared = len(batch)
                 self._idle.wait()  # full (or closing): wait for the runner
                 continue
             try:
