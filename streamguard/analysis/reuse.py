@@ -9,7 +9,7 @@ a fixed per-channel affine map, so level differences here are the model's
 input differences up to a constant factor (1/(std*255), about 1/69 per
 level). A pair passes only if all three hold:
 
-- every value differs by at most MAX_LEVEL_DIFF (32 of 255) levels: nothing
+- every value differs by at most MAX_LEVEL_DIFF (48 of 255) levels: nothing
   stark appears anywhere, not even a few pixels;
 - every 8x8 block's mean absolute difference is at most MAX_BLOCK_DIFF (8)
   levels: nothing coherent appears, however small (an 8x8 block is 0.13 %
@@ -17,18 +17,21 @@ level). A pair passes only if all three hold:
 - the mean absolute difference over the crop is at most MAX_MEAN_DIFF
   (2.0) levels: the picture as a whole did not move (pan, fade, lighting).
 
-Why these numbers: a truly static 720p source encoded by x264 (preset medium
-crf 23, or veryfast crf 28, with and without sensor-like noise of sigma 3-6
-levels) gives crops that differ from their 1 s-older sibling by at most
-14-25 levels per value, 1.6-5.7 levels per 8x8 block and 0.03-1.2 levels on
-average (ringing at sharp edges, GOP changes), so static scenes pass. Any
-change that could matter fails: a red patch over 10 % of the frame differs
-by ~255 levels per value and ~13 levels on average; a scene cut by tens of
-levels on average; an object of 8x8 crop pixels with 8 levels of contrast
-trips the block test. Empirically (tests/test_reuse.py, and the shape-real
-ViT-B/32 check in bench/live_capacity.py --check-reuse), pairs that pass
-have embedding cosine >= 0.999 and category scores within 0.005, which is
-far inside any threshold margin.
+Why these numbers: truly static sources encoded by x264 (720p slides,
+preset medium crf 23 or veryfast crf 28; 640x360 slides with coloured boxes;
+with and without sensor-like noise of sigma 2-6 levels) give crops that
+differ from their 1 s-older sibling by 13-35 levels per value (ringing and
+4:2:0 chroma at sharp coloured edges, re-quantisation at each keyframe),
+1.6-6.0 levels per 8x8 block and 0.03-1.2 levels on average, so static
+scenes pass. Any change that could matter fails: a red patch over 10 % of
+the frame differs by ~255 levels per value and ~13 on average; a scene cut
+by tens of levels on average; an object of 8x8 crop pixels with 8 levels of
+contrast trips the block test, a 3x3 speck of 49 levels the value test.
+Empirically (tests/test_reuse.py with the test model, bench/shape_real.py
+--check-reuse with the shape-real ViT-B/32), pairs that pass have embedding
+cosine >= 0.999 and category scores within 0.005. Random weights are a weak
+probe (they barely tell a red patch from none), which is why the bound is
+argued from the input side, not from one model's sensitivity.
 
 The comparison is with the *anchor*, the last frame actually encoded, never
 with the previous sampled frame when that one was itself reused: a slow fade
@@ -48,7 +51,7 @@ from typing import Callable
 
 import numpy as np
 
-MAX_LEVEL_DIFF = 32
+MAX_LEVEL_DIFF = 48
 MAX_BLOCK_DIFF = 8.0
 MAX_MEAN_DIFF = 2.0
 BLOCK = 8
