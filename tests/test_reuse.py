@@ -225,7 +225,7 @@ def test_reuse_counter_and_red_patch_never_reused(static_video, patch_video, tes
 
 def test_reused_pairs_embed_alike(test_bundle, tmp_path):
     """Pairs within the bound have embedding cosine >= 0.999 and scores within
-    0.005 (test model; bench/live_capacity.py --check-reuse does the same
+    0.005 (test model; bench/shape_real.py --check-reuse does the same
     with a shape-real ViT-B/32)."""
     model = ClipModel(test_bundle, ModelSettings(providers="cpu"), tmp_path)
     scorer = ModerationScorer(model, tmp_path)
