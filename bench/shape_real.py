@@ -9,7 +9,8 @@
         is a random token table (prompts are encoded once per node, so their
         cost does not matter here). Not a model: it knows nothing.
   int8  the fp32 one through `streamguard.inference.quantize.quantize_bundle`
-        (when that exists).
+        (when that exists; until then ONNX Runtime's dynamic int8
+        quantisation of the image encoder's MatMuls, done here).
 
     python bench/shape_real.py --check-reuse     # build fp32, then check the reuse bound on it
 
@@ -147,6 +148,26 @@ def _build_fp32(dest: Path) -> None:
     write_manifest(dest, manifest)
 
 
+def _quantize_dynamic(src: Path, dest: Path) -> None:
+    """Stand-in for `models quantize` until it is merged: ONNX Runtime's
+    dynamic int8 quantisation of the image encoder (MatMul and Gemm weights),
+    everything else copied."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from streamguard.inference.bundle import FileEntry, read_manifest, sha256_file, write_manifest
+
+    dest.mkdir(parents=True)
+    manifest = read_manifest(src)
+    for name in (manifest.text.file, manifest.tokenizer.file):
+        shutil.copy2(src / name, dest / name)
+    quantize_dynamic(str(src / manifest.visual.file), str(dest / manifest.visual.file),
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    manifest.name += "-int8"
+    for name in (manifest.visual.file, manifest.text.file, manifest.tokenizer.file):
+        manifest.files[name] = FileEntry(sha256=sha256_file(dest / name), size=(dest / name).stat().st_size)
+    write_manifest(dest, manifest)
+
+
 def shape_real_bundle(kind: str = "fp32") -> Path:
     """The cached shape-real bundle of `kind` (fp32 or int8), built on first use."""
     fp32 = OUT / "shape-real-fp32"
@@ -166,8 +187,11 @@ def shape_real_bundle(kind: str = "fp32") -> Path:
         try:
             from streamguard.inference.quantize import quantize_bundle
         except ImportError:
-            raise SystemExit("--shape-real int8 needs streamguard.inference.quantize (not in this tree yet)")
-        quantize_bundle(fp32, int8)
+            quantize_bundle = _quantize_dynamic
+        tmp = int8.with_name(int8.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        quantize_bundle(fp32, tmp)
+        tmp.rename(int8)
     return int8
 
 
