@@ -100,13 +100,21 @@ def static_video(out: Path) -> Path:
     v = c.add_stream("libx264", rate=30)
     v.width, v.height, v.pix_fmt = 1280, 720, "yuv420p"
     v.options = {"g": "60", "keyint_min": "60", "sc_threshold": "0", "preset": "veryfast"}
+    a = c.add_stream("aac", rate=48000)  # a presenter's audio, as the moving input has
+    a.layout = "mono"
     for i in range(600):
         f = av.VideoFrame.from_ndarray(slides[i // 300], format="rgb24")
         f.pts, f.time_base = i, Fraction(1, 30)
         for p in v.encode(f):
             c.mux(p)
-    for p in v.encode(None):
-        c.mux(p)
+        tone = 0.1 * np.sin(2 * np.pi * 440 * (i * 1600 + np.arange(1600)) / 48000)
+        af = av.AudioFrame.from_ndarray(tone.astype(np.float32).reshape(1, -1), format="fltp", layout="mono")
+        af.sample_rate, af.pts = 48000, i * 1600
+        for p in a.encode(af):
+            c.mux(p)
+    for stream in (v, a):
+        for p in stream.encode(None):
+            c.mux(p)
     c.close()
     tmp.rename(path)
     return path
