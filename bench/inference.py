@@ -25,11 +25,9 @@ takes about three minutes on 2 cores (plus the one-off export and quantization).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -42,67 +40,18 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from streamguard.analysis.analyzer import Analyzer  # noqa: E402
 from streamguard.config import load_settings  # noqa: E402
-from streamguard.inference.bundle import FileEntry, read_manifest, sha256_file, write_manifest  # noqa: E402
+from shape_real import shape_real_bundle  # noqa: E402
 from streamguard.inference.clip import ClipModel  # noqa: E402
-from streamguard.inference.export import make_shape_real_bundle  # noqa: E402
 
 FRAMES_PER_SUBMIT = 5
 
 
 def _csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def fp32_bundle() -> Path:
-    path = OUT / "shape-real-vit-b-32"
-    if not (path / "manifest.json").is_file():
-        print("exporting the shape-real ViT-B/32 bundle (once; about a minute) ...", file=sys.stderr)
-    make_shape_real_bundle(path, "vit-b-32")
-    return path
-
-
-def _fallback_quantize(src: Path, dest: Path) -> None:
-    """Until streamguard.inference.quantize exists: ONNX Runtime's dynamic int8
-    on the image encoder only (what the benchmark measures)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    m = read_manifest(src)
-    dest.mkdir(parents=True)
-    for name in (m.text.file, m.tokenizer.file):
-        shutil.copy2(src / name, dest / name)
-    quantize_dynamic(str(src / m.visual.file), str(dest / m.visual.file), weight_type=QuantType.QInt8,
-                     per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
-    m.files = {name: FileEntry(sha256=sha256_file(dest / name), size=(dest / name).stat().st_size)
-               for name in (m.visual.file, m.text.file, m.tokenizer.file)}
-    m.name = f"{m.name}-int8"
-    write_manifest(dest, m)
-
-
-def int8_bundle(src: Path) -> tuple[Path, str]:
-    """The int8 bundle (cached) and how it was made."""
-    try:
-        from streamguard.inference.quantize import quantize_bundle
-        how = "streamguard.inference.quantize.quantize_bundle"
-    except ImportError:
-        quantize_bundle = None
-        how = ("FALLBACK onnxruntime quantize_dynamic (int8 per-channel MatMul/Gemm, visual.onnx only): "
-               "streamguard.inference.quantize is not importable")
-    dest = OUT / ("shape-real-vit-b-32-int8" if quantize_bundle else "shape-real-vit-b-32-int8-fallback")
-    if not (dest / "manifest.json").is_file():
-        print(f"quantizing ({how}) once ...", file=sys.stderr)
-        shutil.rmtree(dest, ignore_errors=True)
-        if quantize_bundle is not None:
-            # Random weights: how close int8 stays to fp32 says nothing about a
-            # real model (the quantize tests judge that), so no cosine floor here.
-            params = inspect.signature(quantize_bundle).parameters
-            report = quantize_bundle(src, dest, **({"min_cosine": -1.0} if "min_cosine" in params else {}))
-            print(f"quantize report: {report}", file=sys.stderr)
-        else:
-            _fallback_quantize(src, dest)
-    return dest, how
 
 
 def _load(bundle: Path, threads: int, data_dir: Path, on_batch) -> Analyzer:
@@ -176,12 +125,9 @@ def main() -> None:
         ap.error("--precisions takes fp32 and/or int8")
 
     OUT.mkdir(exist_ok=True)
-    # ClipModel warns at each load that the bundle is not a model: known here.
-    logging.getLogger(ClipModel.__module__).setLevel(logging.ERROR)
-    bundles = {"fp32": fp32_bundle()}
-    if "int8" in precisions:
-        bundles["int8"], how = int8_bundle(bundles["fp32"])
-        print(f"int8 bundle: {how}")
+    # The analyzer warns at each load that the bundle is not a model: known here.
+    logging.getLogger(Analyzer.__module__).setLevel(logging.ERROR)
+    bundles = {p: shape_real_bundle(p) for p in precisions}
     print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"{FRAMES_PER_SUBMIT} frames per producer submit; {args.seconds:g} s per figure")
 

@@ -1,15 +1,26 @@
 """Live capacity: how many 720p30 streams one node moderates on time.
 
 N looping 1280x720 30 fps publishers (ffmpeg -> nginx-rtmp on loopback) and
-N tasks at fps 1 with moderation (test model), 5 s segments. A trial passes
-when every task keeps producing records and the p95 latency from a segment's
-cut to its record being stored is under 1 s. N grows until a trial fails; the
-daemon is pinned to one core, then to two.
+N tasks at fps 1 with moderation, 5 s segments. A trial passes when every
+task keeps producing records and the p95 latency from a segment's cut to its
+record being stored is under 1 s. N grows until a trial fails; the daemon is
+pinned to one core, then to two (ONNX Runtime gets as many threads).
+
+Model: the test bundle (default), `--model DIR`, or `--shape-real [fp32|int8]`
+(the real ViT-B/32 architecture with random weights, bench/shape_real.py).
+
+Mix: `--static-share F` makes that share of the streams static sources (a
+screen-shared slide deck: a new slide every 10 s, no sensor noise), where
+duplicate-frame reuse applies; the rest are the moving test pattern.
 
 Prints, per trial: N, p50/p95 latency, daemon CPU per stream (% of a core),
-RSS per stream, and the largest N that passed for each core count.
+RSS per stream, the reuse rate (frames reused / frames sampled), the share
+of the window the image encoder was busy (near 1: inference binds; lower
+while the trial fails: decoding and the rest bind), and the largest N that
+passed for each core count.
 
     python bench/live_capacity.py [--start 8] [--step 8] [--max 64] [--window 30]
+        [--model DIR | --shape-real [fp32|int8]] [--static-share 0.5] [--cores 1,2]
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from daemon import Daemon  # noqa: E402
 from live_servers import Publisher, RtmpServer  # noqa: E402
 
-from streamguard.inference.testmodel import make_test_bundle  # noqa: E402
+import numpy as np  # noqa: E402
+
 
 SEGMENT = 5
 CLK = os.sysconf("SC_CLK_TCK")
@@ -59,6 +71,53 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def metric(metrics: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+]+)$", metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def static_video(out: Path) -> Path:
+    """A 20 s 720p30 'slide deck' (two slides, 10 s each), H.264 with a 2 s GOP."""
+    path = out / "bench_720p30_slides.mp4"
+    if path.exists():
+        return path
+    import av
+    from fractions import Fraction
+
+    print("generating the 20 s 720p30 slides input (once) ...", file=sys.stderr)
+    rng = np.random.default_rng(4)
+    slides = []
+    for _ in range(2):
+        img = np.full((720, 1280, 3), 240, np.uint8)
+        for _ in range(60):
+            x, y = rng.integers(0, 1180), rng.integers(0, 690)
+            img[y:y + rng.integers(4, 30), x:x + rng.integers(20, 100)] = rng.integers(0, 255, 3)
+        slides.append(img)
+    tmp = path.with_suffix(".tmp.mp4")
+    c = av.open(str(tmp), "w")
+    v = c.add_stream("libx264", rate=30)
+    v.width, v.height, v.pix_fmt = 1280, 720, "yuv420p"
+    v.options = {"g": "60", "keyint_min": "60", "sc_threshold": "0", "preset": "veryfast"}
+    a = c.add_stream("aac", rate=48000)  # a presenter's audio, as the moving input has
+    a.layout = "mono"
+    for i in range(600):
+        f = av.VideoFrame.from_ndarray(slides[i // 300], format="rgb24")
+        f.pts, f.time_base = i, Fraction(1, 30)
+        for p in v.encode(f):
+            c.mux(p)
+        tone = 0.1 * np.sin(2 * np.pi * 440 * (i * 1600 + np.arange(1600)) / 48000)
+        af = av.AudioFrame.from_ndarray(tone.astype(np.float32).reshape(1, -1), format="fltp", layout="mono")
+        af.sample_rate, af.pts = 48000, i * 1600
+        for p in a.encode(af):
+            c.mux(p)
+    for stream in (v, a):
+        for p in stream.encode(None):
+            c.mux(p)
+    c.close()
+    tmp.rename(path)
+    return path
 
 
 def latency_buckets(metrics: str) -> dict[float, float]:
@@ -94,11 +153,16 @@ def trial(d: Daemon, key: str, rtmp: RtmpServer, n: int, window: float) -> dict:
         tasks.append(r.body["data"]["task_id"])
     time.sleep(2 * SEGMENT + 2)  # connect and settle
     pid = d.proc.pid
-    m0, c0, t0 = latency_buckets(d.call("GET", "/metrics").body.decode()), cpu_seconds(pid), time.monotonic()
+    text0 = d.call("GET", "/metrics").body.decode()
+    m0, c0, t0 = latency_buckets(text0), cpu_seconds(pid), time.monotonic()
     g0 = load_generator_cpu()
     counts0 = {t: d.call("GET", f"/v1/streams/{t}", key=key).data["counters"]["segments"] for t in tasks}
     time.sleep(window)
-    m1, c1, t1 = latency_buckets(d.call("GET", "/metrics").body.decode()), cpu_seconds(pid), time.monotonic()
+    text1 = d.call("GET", "/metrics").body.decode()
+    m1, c1, t1 = latency_buckets(text1), cpu_seconds(pid), time.monotonic()
+    delta = {name: metric(text1, name) - metric(text0, name) for name in (
+        "streamguard_frames_sampled_total", "streamguard_frames_reused_total", "streamguard_inference_seconds_sum",
+        "streamguard_inference_batch_size_sum", "streamguard_inference_batch_size_count")}
     g1 = load_generator_cpu()
     views = {t: d.call("GET", f"/v1/streams/{t}", key=key).data for t in tasks}
     rss = rss_mb(pid)
@@ -112,12 +176,18 @@ def trial(d: Daemon, key: str, rtmp: RtmpServer, n: int, window: float) -> dict:
     reconnects = sum(v["counters"]["reconnects"] for v in views.values())
     return {"n": n, "ok": ok, "reconnects": reconnects, "daemon_cores": (c1 - c0) / (t1 - t0),
             "generator_cores": (g1 - g0) / (t1 - t0), "p50": p50, "p95": p95, "cpu_pct_per_stream": 100 * (c1 - c0) / (t1 - t0) / n,
-            "rss_mb": rss, "min_segments": min(produced), "expected": expected, "all_running": all_running}
+            "rss_mb": rss, "min_segments": min(produced), "expected": expected, "all_running": all_running,
+            "reuse_rate": delta["streamguard_frames_reused_total"] / max(1.0, delta["streamguard_frames_sampled_total"]),
+            "encoder_busy": delta["streamguard_inference_seconds_sum"] / (t1 - t0),
+            "mean_batch": delta["streamguard_inference_batch_size_sum"]
+            / max(1.0, delta["streamguard_inference_batch_size_count"]),
+            "lag": metric(text1, "streamguard_inference_queue_depth")}
 
 
-def run(cores: int, args: argparse.Namespace, video: Path, bundle: Path) -> int:
+def run(cores: int, args: argparse.Namespace, videos: list[Path], bundle: Path) -> int:
     best = 0
-    env = {"STREAMGUARD_LIMITS__MAX_TASKS": "256"}
+    env = {"STREAMGUARD_LIMITS__MAX_TASKS": "256", "STREAMGUARD_MODEL__CPU_THREADS": str(cores),
+           "STREAMGUARD_INFERENCE__REUSE_DUPLICATES": "false" if args.no_reuse else "true"}
     with RtmpServer() as rtmp:
         pubs: list[Publisher] = []
         d = Daemon(HERE / "out" / f"live-{cores}core", bundle, env=env)
@@ -131,7 +201,7 @@ def run(cores: int, args: argparse.Namespace, video: Path, bundle: Path) -> int:
             n = args.start
             while n <= args.max:
                 while len(pubs) < n:
-                    p = Publisher(video, rtmp.url(f"s{len(pubs)}"))
+                    p = Publisher(videos[len(pubs)], rtmp.url(f"s{len(pubs)}"))
                     p.start()
                     pubs.append(p)
                 r = trial(d, key, rtmp, n, args.window)
@@ -139,7 +209,9 @@ def run(cores: int, args: argparse.Namespace, video: Path, bundle: Path) -> int:
                       f"p95 {r['p95']:.2f} s  cpu/stream {r['cpu_pct_per_stream']:.1f}% of a core  "
                       f"rss/stream {(r['rss_mb'] - base_rss) / n:.1f} MB  "
                       f"segments {r['min_segments']}/{r['expected']:.0f}  reconnects {r['reconnects']}  "
-                      f"daemon {r['daemon_cores']:.2f} cores, publishers+nginx {r['generator_cores']:.2f} cores",
+                      f"daemon {r['daemon_cores']:.2f} cores, publishers+nginx {r['generator_cores']:.2f} cores  "
+                      f"reuse {100 * r['reuse_rate']:.0f}%  encoder busy {100 * r['encoder_busy']:.0f}%  "
+                      f"mean batch {r['mean_batch']:.1f}  queued {r['lag']:.0f}",
                       flush=True)
                 if not r["ok"]:
                     break
@@ -160,18 +232,26 @@ def main() -> None:
     ap.add_argument("--max", type=int, default=64)
     ap.add_argument("--window", type=float, default=30.0)
     ap.add_argument("--cores", default="1,2")
+    ap.add_argument("--model", type=Path, help="model bundle directory (default: the test bundle)")
+    ap.add_argument("--shape-real", nargs="?", const="fp32", choices=("fp32", "int8"),
+                    help="the shape-real ViT-B/32 bundle (built and cached in bench/out/)")
+    ap.add_argument("--static-share", type=float, default=0.0,
+                    help="share of streams that are static slide decks (where duplicate-frame reuse applies)")
+    ap.add_argument("--no-reuse", action="store_true", help="inference.reuse_duplicates = false")
     args = ap.parse_args()
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    video = out / "bench_720p30_gop2s.mp4"
-    if not video.exists():
-        sys.path.insert(0, str(HERE))
-        from scan_throughput import input_video
-        input_video(out)
-    bundle = out / "test-bundle"
-    if not (bundle / "manifest.json").exists():
-        make_test_bundle(bundle)
-    results = {int(c): run(int(c), args, video, bundle) for c in args.cores.split(",")}
+    sys.path.insert(0, str(HERE))
+    from scan_throughput import input_video, resolve_bundle
+    moving = input_video(out, "all-reference")
+    slides = static_video(out) if args.static_share > 0 else moving
+    # Static streams spread evenly through the stream numbers, so every N has the share.
+    videos = [slides if int((i + 1) * args.static_share) > int(i * args.static_share) else moving
+              for i in range(args.max)]
+    bundle = resolve_bundle(args.model, args.shape_real, out)
+    print(f"model {bundle}; static share {args.static_share:.0%}; reuse {'off' if args.no_reuse else 'on'}",
+          flush=True)
+    results = {int(c): run(int(c), args, videos, bundle) for c in args.cores.split(",")}
     for cores, n in results.items():
         print(f"largest N on time with {cores} core(s): {n}")
 

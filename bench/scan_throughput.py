@@ -13,10 +13,17 @@ the test model. Baseline, in the same process: PyAV decodes every frame and
 scales one per second to 224x224 with the pipeline's own scaler (so only
 decoding and the rest of the pipeline differ).
 
+Model: the test bundle (default), `--model DIR`, or `--shape-real [fp32|int8]`
+(the real ViT-B/32 architecture with random weights, bench/shape_real.py);
+ONNX Runtime gets one thread per pinned core.
+
 Prints, per input, frames decoded per sampled frame, the real-time factor and
-the wall-time ratio pipeline/baseline. Pinned to one core by default.
+the wall-time ratio pipeline/baseline, and the time the image encoder took
+(with a real-sized model, inference rather than decoding sets the pace).
+Pinned to one core by default.
 
     python bench/scan_throughput.py [--cores 1] [--repeat 3] [--input typical|all-reference]
+        [--model DIR | --shape-real [fp32|int8]]
 """
 
 from __future__ import annotations
@@ -80,9 +87,26 @@ def baseline(path: Path) -> tuple[float, int]:
     return time.perf_counter() - started, decoded
 
 
+def resolve_bundle(model: Path | None, shape_real: str | None, out: Path) -> Path:
+    """--model, else --shape-real's cached bundle, else the test bundle."""
+    if model is not None:
+        return model
+    if shape_real:
+        sys.path.insert(0, str(HERE))
+        from shape_real import shape_real_bundle
+        return shape_real_bundle(shape_real)
+    bundle = out / "test-bundle"
+    if not (bundle / "manifest.json").exists():
+        make_test_bundle(bundle)
+    return bundle
+
+
+THREADS = 1  # ONNX Runtime threads: the pinned cores
+
+
 def pipeline(path: Path, bundle: Path, out: Path) -> tuple[float, int]:
     settings = load_settings(environ={}, overrides={
-        "storage": {"data_dir": str(out / "data")}, "model": {"cpu_threads": 1, "providers": "cpu"},
+        "storage": {"data_dir": str(out / "data")}, "model": {"cpu_threads": THREADS, "providers": "cpu"},
         "pipeline": {"decode_threads": 1}})
     opts = PipelineOptions(segment_seconds=5, fps=1, moderate=True)
     sink = io.StringIO()
@@ -100,16 +124,21 @@ def sampler_counts(path: Path, bundle: Path, out: Path) -> tuple[int, int]:
     from streamguard.media.source import MediaSource, SourceOptions
     from streamguard.pipeline.segments import ingest
 
-    settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(out / "data")}})
-    analyzer = Analyzer.create(settings, bundle)
+    settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(out / "data")},
+                                                    "model": {"cpu_threads": THREADS, "providers": "cpu"}})
+    encoder = [0.0]
+    analyzer = Analyzer.create(settings, bundle, on_batch=lambda _n, s: encoder.__setitem__(0, encoder[0] + s))
     src = MediaSource(str(path), SourceOptions())
     src.open()
     try:
+        reused: list[int] = []
         result = ingest(src, PipelineOptions(segment_seconds=5, fps=1, moderate=True), out / "hls-count", analyzer,
-                        lambda closed: None)
+                        lambda closed: reused.append(closed.frames_reused))
     finally:
         src.close()
         analyzer.close()
+    sampler_counts.encoder_seconds = encoder[0]  # type: ignore[attr-defined]
+    sampler_counts.reused = sum(reused)  # type: ignore[attr-defined]
     return result.sampler.frames_decoded, result.sampler.frames_sampled
 
 
@@ -132,6 +161,10 @@ def measure(name: str, path: Path, bundle: Path, out: Path, repeat: int) -> None
     print(f"  baseline (decode all + scale 1/s), best: {b:.2f} s = {SECONDS / b:.1f}x real time")
     print(f"  pipeline, best: {p:.2f} s = real-time factor {SECONDS / p:.1f}x")
     print(f"  wall-time ratio pipeline/baseline (median of pairs): {ratio:.2f}; of best times: {p / b:.2f}")
+    enc = sampler_counts.encoder_seconds  # type: ignore[attr-defined]
+    encoded = sampled - sampler_counts.reused  # type: ignore[attr-defined]
+    print(f"  image encoder: {enc:.2f} s for {encoded} frames ({sampled - encoded} of {sampled} reused; "
+          f"{encoded / max(enc, 1e-9):.1f} frames/s; {100 * enc / p:.0f}% of the best pipeline run)")
 
 
 def main() -> None:
@@ -140,19 +173,22 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--input", choices=sorted(INPUTS), action="append",
                     help="input encoding(s) to measure (default: all)")
+    ap.add_argument("--model", type=Path, help="model bundle directory (default: the test bundle)")
+    ap.add_argument("--shape-real", nargs="?", const="fp32", choices=("fp32", "int8"),
+                    help="the shape-real ViT-B/32 bundle (built and cached in bench/out/)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.cores or (os.cpu_count() or 1)
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     names = args.input or list(INPUTS)
     paths = {name: input_video(out, name) for name in names}  # generated before pinning: encoding is slow
     if args.cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
-    bundle = out / "test-bundle"
-    if not (bundle / "manifest.json").exists():
-        make_test_bundle(bundle)
+    bundle = resolve_bundle(args.model, args.shape_real, out)
     cores = args.cores or os.cpu_count()
     print(f"input: {SECONDS} s 1280x720 {FPS} fps H.264, GOP {GOP / FPS:.0f} s; segments 5 s, fps 1, "
-          f"source rendition + moderation (test model); {cores} core(s); {args.repeat} alternating runs")
+          f"source rendition + moderation ({bundle.name}); {cores} core(s); {args.repeat} alternating runs")
     for name in names:
         measure(name, paths[name], bundle, out, args.repeat)
 

@@ -79,6 +79,16 @@ class InferenceSettings(_Section, kw_only=True):
     # streams are stacked up to max_batch or until max_wait_ms has passed.
     max_batch: Annotated[int, Meta(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 20.0
+    # Cap each encoder run at about this many ms (the batch shrinks to the size
+    # whose measured run time fits; never below 1 frame). 0 = max_batch always
+    # (the default: on CPU small batches cost throughput exactly under load).
+    batch_budget_ms: Annotated[float, Meta(ge=0, le=60_000)] = 0.0
+    # Run the image encoder through ONNX Runtime IO binding, preparing the next
+    # batch (normalise, copy to the device) while the current one runs.
+    io_binding: bool = True
+    # Reuse a stream's last embedding for a sampled frame that is nearly
+    # identical to the last frame it encoded (bound: analysis/reuse.py).
+    reuse_duplicates: bool = True
 
 
 class PipelineSettings(_Section, kw_only=True):

@@ -21,7 +21,11 @@ class Metrics:
         self.frames_decoded = Counter("streamguard_frames_decoded_total",
                                       "Video frames decoded by samplers.", registry=r)
         self.frames_sampled = Counter("streamguard_frames_sampled_total",
-                                      "Frames sampled and sent to the image encoder.", registry=r)
+                                      "Frames sampled for analysis (each one encoded or reused).", registry=r)
+        self.frames_reused = Counter(
+            "streamguard_frames_reused_total",
+            "Sampled frames nearly identical to their stream's last encoded frame, whose embedding they reused "
+            "instead of running the image encoder (not billed as video tokens).", registry=r)
         self.batch_size = Histogram("streamguard_inference_batch_size", "Frames per image-encoder run.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.inference_seconds = Histogram("streamguard_inference_seconds",

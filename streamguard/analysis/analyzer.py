@@ -20,6 +20,7 @@ from ..inference.batcher import InferenceBatcher
 from ..inference.clip import ClipModel
 from ..media.segmenter import fmt_time
 from .categories import CATEGORY_NAMES
+from .reuse import StreamReuse
 from .scoring import ModerationScorer, scores_dict, violations
 from ..schemas import ContentModeration, FlaggedFrame
 
@@ -85,22 +86,29 @@ class TextTokenMeter:
 
 
 class Analyzer:
-    def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer) -> None:
+    def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer, *,
+                 reuse_duplicates: bool = True) -> None:
         self.model = model
         self.batcher = batcher
         self.scorer = scorer
+        self.reuse_duplicates = reuse_duplicates
 
     @classmethod
     def create(cls, settings: Settings, model_dir: Path,
                on_batch: Callable[[int, float], None] | None = None) -> "Analyzer":
         cache = settings.data_dir / "cache"
-        model = ClipModel(model_dir, settings.model, cache)
+        inf = settings.inference
+        model = ClipModel(model_dir, settings.model, cache, max_batch=inf.max_batch)
         if model.manifest.shape_real:  # said where serve and scan load it, not by tools that convert it
             log.warning("model bundle %s (%s) has random weights: it is not a model, its scores mean "
                         "nothing (only for measuring inference cost)", model_dir, model.manifest.name)
-        batcher = InferenceBatcher(model.encode_images, max_batch=settings.inference.max_batch,
-                                   max_wait=settings.inference.max_wait_ms / 1000, on_batch=on_batch)
-        return cls(model, batcher, ModerationScorer(model, cache))
+        if inf.io_binding:
+            model.use_io_binding()
+        # The batcher's collector normalises the next batch while the encoder runs this one.
+        batcher = InferenceBatcher(model.encode_prepared, prepare=model.preprocess, max_batch=inf.max_batch,
+                                   max_wait=inf.max_wait_ms / 1000, budget=inf.batch_budget_ms / 1000,
+                                   on_batch=on_batch)
+        return cls(model, batcher, ModerationScorer(model, cache), reuse_duplicates=inf.reuse_duplicates)
 
     def prepare(self) -> int:
         """Encode (or load cached) the shared prompt embeddings; blocking, call
@@ -118,6 +126,10 @@ class Analyzer:
 
     def submit(self, crop: np.ndarray) -> Future:
         return self.batcher.submit(crop)
+
+    def stream_reuse(self) -> StreamReuse:
+        """A new stream's duplicate-frame reuse (one per pipeline: never across tasks)."""
+        return StreamReuse(self.submit, enabled=self.reuse_duplicates)
 
     async def moderate(self, frames: list[tuple[Fraction, Future]], threshold: float) -> ContentModeration:
         if not frames:

@@ -14,9 +14,11 @@ from tokenizers import Tokenizer
 
 from ..config import ModelSettings
 from ..errors import ModelError
+from .binding import BoundEncoder
 from .bundle import Manifest, bundle_fingerprint, read_manifest, verify_bundle
 from .graphio import check_probe, text_io, visual_io
-from .session import choose_providers, create_session, fp16_variant
+from .session import (choose_providers, create_session, fp16_variant, model_cache_dir, session_device,
+                      with_batch_profile)
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
 
+def _first_input(model_path: Path) -> str:
+    """A graph's first input name, read without loading its weights' data."""
+    import onnx
+    return onnx.load(str(model_path), load_external_data=False).graph.input[0].name
+
+
 class ClipModel:
     """One loaded bundle. `encode_images` is called from the batcher's thread
     only; ONNX Runtime releases the GIL while it runs."""
 
-    def __init__(self, bundle_dir: Path, settings: ModelSettings, cache_dir: Path) -> None:
+    def __init__(self, bundle_dir: Path, settings: ModelSettings, cache_dir: Path, *, max_batch: int = 32) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         m = self.manifest
@@ -39,11 +47,18 @@ class ClipModel:
         providers = choose_providers(settings.providers, fp16=settings.fp16, cache_dir=self.cache_dir)
         self.provider = providers[0][0]
         visual_path = self.bundle_dir / m.visual.file
+        visual_providers = providers
+        if self.provider == "TensorrtExecutionProvider":
+            # Engines per model file, and one profile for every batch size up to max_batch.
+            visual_providers = choose_providers(settings.providers, fp16=settings.fp16,
+                                                cache_dir=model_cache_dir(self.cache_dir, visual_path))
+            visual_providers = with_batch_profile(visual_providers, m.visual.input or _first_input(visual_path),
+                                                  m.image_size, max_batch)
         if self.provider == "CUDAExecutionProvider" and settings.fp16:
             visual_path = fp16_variant(visual_path, self.cache_dir) or visual_path
         cpu = dict(cpu_threads=settings.cpu_threads, spin=settings.cpu_spin,
                    cache_dir=self.cache_dir if settings.save_optimized else None)
-        self._visual = create_session(visual_path, providers, digest=digests[m.visual.file], **cpu)
+        self._visual = create_session(visual_path, visual_providers, digest=digests[m.visual.file], **cpu)
         where = f"model bundle {self.bundle_dir}"
         self._visual_what = f"{where}: image encoder {m.visual.file}"
         self._text_what = f"{where}: text encoder {m.text.file}"
@@ -52,6 +67,7 @@ class ClipModel:
                                     embedding_dim=m.embedding_dim, what=self._visual_what)
         self._text_io = text_io(self._text, m.text, context_length=m.tokenizer.context_length,
                                 embedding_dim=m.embedding_dim, what=self._text_what)
+        self._bound: BoundEncoder | None = None
         self._tokenizer = self._load_tokenizer()
         self._tok_lock = threading.Lock()
         self.fingerprint = bundle_fingerprint(self.bundle_dir, m, digests)
@@ -114,9 +130,20 @@ class ClipModel:
                 raise ModelError(f"{what} fails on a probe input: {first}") from None
             check_probe(np.asarray(out), n, m.embedding_dim, what)
 
-    def encode_images(self, crops: np.ndarray) -> np.ndarray:
-        out = self._visual_io.run(self._visual, [self.preprocess(crops)])
+    def use_io_binding(self) -> None:
+        """Run the image encoder through IO binding on its session's device
+        (graphs that take any batch; a fixed-batch graph runs in chunks)."""
+        if self._visual_io.batch is None:
+            self._bound = BoundEncoder(self._visual, self._visual_io.inputs[0][0], self._visual_io.output,
+                                       session_device(self.active_providers))
+
+    def encode_prepared(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings of `preprocess` output."""
+        out = self._bound.run(x) if self._bound is not None else self._visual_io.run(self._visual, [x])
         return l2_normalize(out.astype(np.float32, copy=False))
+
+    def encode_images(self, crops: np.ndarray) -> np.ndarray:
+        return self.encode_prepared(self.preprocess(crops))
 
     def _run_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self._text_io.run(self._text, [ids, mask][:len(self._text_io.inputs)])

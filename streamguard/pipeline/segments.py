@@ -65,6 +65,13 @@ class ClosedSegment:
     closed_at: float  # time.monotonic() at the cut
     frames_decoded: int = 0  # decoder output while this segment was open
     repairs: dict[str, int] = field(default_factory=dict)  # made while it was open (RepairTally)
+    # Frames that reuse an earlier frame's embedding (analysis/reuse.py): not
+    # run through the encoder, so not billed as video tokens.
+    frames_reused: int = 0
+
+    @property
+    def frames_encoded(self) -> int:
+        return len(self.frames) - self.frames_reused
 
 
 @dataclass
@@ -139,6 +146,9 @@ class SegmentPipeline:
         self._master: str | None = None  # master playlist as last written
         self._thumbnail = not (self.task_dir / "thumbnail.jpg").exists()
         self.frames: list[tuple[Fraction, Future]] = []  # the open segment's frames
+        # Duplicate-frame reuse is per task: its anchor dies with this pipeline.
+        self.reuse = analyzer.stream_reuse() if analyzer is not None else None
+        self._reused = 0  # the open segment's frames that reuse an embedding
 
     def cancel_frames(self) -> None:
         """Withdraw the open segment's frames from inference (any thread): a
@@ -161,10 +171,13 @@ class SegmentPipeline:
         frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
         analyzer = self.analyzer
         self.frames = frames = []
+        self._reused = 0
 
         def on_sample(sample: SampledFrame) -> None:
-            assert analyzer is not None
-            frames.append((sample.time, analyzer.submit(sample.crop)))
+            assert self.reuse is not None
+            fut, reused = self.reuse.submit(sample.crop)
+            frames.append((sample.time, fut))
+            self._reused += reused
 
         def on_first_frame(frame: av.VideoFrame) -> None:
             write_thumbnail(frame, self.task_dir / "thumbnail.jpg")
@@ -209,7 +222,8 @@ class SegmentPipeline:
             # is not failed for it.
             if fed and not decoded:
                 error = f"segment {segment.index} has no decodable video ({fed} packets decoded to no frame)"
-            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired))
+            reused, self._reused = self._reused, 0
+            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired, reused))
             self.segments += 1
             self.next_index = segment.index + 1
             self.timeline_end = segment.end
@@ -288,7 +302,8 @@ class RecordAssembler:
                 moderation = await self.analyzer.moderate(closed.frames, self.opts.threshold)
             except StreamGuardError as exc:
                 return status_record(self.task_id, STATUS_ERROR, f"segment {seg.index}: {exc.message}")
-            video_tokens = len(closed.frames) * self.analyzer.tokens_per_image
+            # CONTRACT §3: frames run through the image encoder; reused ones were not.
+            video_tokens = closed.frames_encoded * self.analyzer.tokens_per_image
             text_tokens = self.text_tokens.take()
         elapsed_ms = (time.monotonic() - closed.closed_at) * 1000
         note = seg.note

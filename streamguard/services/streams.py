@@ -422,6 +422,7 @@ class StreamService:
             self.metrics.record_queue_depth.dec()
             self.metrics.frames_decoded.inc(closed.frames_decoded)
             self.metrics.frames_sampled.inc(len(closed.frames))
+            self.metrics.frames_reused.inc(closed.frames_reused)
             for kind, count in closed.repairs.items():
                 self.metrics.packets_repaired.labels(kind).inc(count)
             # Cut before the stop took effect (not paid, not sent), or by a
