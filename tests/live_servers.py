@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import re
 import ctypes
 import errno
 import functools
@@ -897,3 +898,15 @@ class SilentServer:
 
 if __name__ == "__main__":  # manual smoke: python tests/live_servers.py
     print("missing:", missing_tools() or "nothing", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def publishing(video: str | os.PathLike, rtmp: "RtmpServer", name: str):
+    """A started ffmpeg publisher of `video` on its own stream key (from a test
+    name); yields (publisher, url) and closes it afterwards."""
+    pub = Publisher(video, rtmp.url(re.sub(r"\W", "_", name)[:40]))
+    pub.start()
+    try:
+        yield pub, pub.url
+    finally:
+        pub.close()

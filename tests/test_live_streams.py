@@ -80,13 +80,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path):
 @pytest.fixture
 def publisher(live_video: Path, rtmp: ls.RtmpServer, request: pytest.FixtureRequest):
     """A started ffmpeg publisher on its own stream key; yields (publisher, url)."""
-    url = rtmp.url(re.sub(r"\W", "_", request.node.name)[:40])
-    pub = ls.Publisher(live_video, url)
-    pub.start()
-    try:
-        yield pub, url
-    finally:
-        pub.close()
+    with ls.publishing(live_video, rtmp, request.node.name) as started:
+        yield started
 
 
 # --------------------------------------------------------------------------- helpers

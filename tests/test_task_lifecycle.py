@@ -51,13 +51,8 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def publisher(video: Path, rtmp: ls.RtmpServer, request: pytest.FixtureRequest):
-    url = rtmp.url(re.sub(r"\W", "_", request.node.name)[:40])
-    pub = ls.Publisher(video, url)
-    pub.start()
-    try:
+    with ls.publishing(video, rtmp, request.node.name) as (_, url):
         yield url
-    finally:
-        pub.close()
 
 
 def start(d: Daemon, key: str, url: str, **params):
