@@ -53,6 +53,23 @@ class DownloadError(StreamGuardError):
     http_status = 502
 
 
+class InputUnreachable(StreamGuardError):
+    """An input URL (file job, standalone check) could not be fetched."""
+
+    code = "STREAMGUARD_INPUT_UNREACHABLE"
+    http_status = 502
+
+
+class PayloadTooLarge(StreamGuardError):
+    code = "STREAMGUARD_PAYLOAD_TOO_LARGE"
+    http_status = 413
+
+
+class Conflict(StreamGuardError):
+    code = "STREAMGUARD_CONFLICT"
+    http_status = 409
+
+
 class Unauthorized(StreamGuardError):
     code = "STREAMGUARD_UNAUTHORIZED"
     http_status = 401

@@ -49,6 +49,10 @@ class PipelineOptions:
     fps: int = 1
     threshold: float = 0.30
     moderate: bool = False
+    # Renditions to write (CONTRACT §5): "source" (a remux) and/or the presets
+    # 360p..1080p (encoded from one decode of the input, media/ladder.py).
+    renditions: tuple[str, ...] = ("source",)
+    x264_preset: str = "fast"  # libx264 preset of the encoded rungs
 
     @property
     def analyze(self) -> bool:
@@ -79,14 +83,18 @@ class IngestResult:
     segments: int = 0
     error: str | None = None  # why the input was not read to its end
     sampler: SamplerStats = field(default_factory=SamplerStats)
+    # The renditions actually written (presets above the source are not produced).
+    renditions: list[str] = field(default_factory=lambda: ["source"])
+    duration: float = 0.0  # timeline seconds read (end of the last segment)
 
 
 class MediaLocator:
     """Where a task's media lives on disk and the URL it is served under."""
 
-    def __init__(self, task_dir: Path, base_url: str | None) -> None:
+    def __init__(self, task_dir: Path, base_url: str | None, rendition: str = "source") -> None:
         self.task_dir = Path(task_dir)
         self.base_url = base_url.rstrip("/") if base_url else None
+        self.rendition = rendition  # the rendition records' video_url points into
 
     def url(self, relpath: str) -> str:
         if self.base_url:
@@ -94,7 +102,7 @@ class MediaLocator:
         return (self.task_dir / relpath).resolve().as_uri()
 
     def segment_url(self, index: int) -> str:
-        return self.url(f"source/{segment_name(index)}")
+        return self.url(f"{self.rendition}/{segment_name(index)}")
 
 
 class RepairTally:
