@@ -436,3 +436,109 @@ async def test_bad_forms(upload_app: UploadApp, body: bytes, status: int, field:
     assert got == status, reply
     assert reply["error"]["details"]["field"] == field and words in reply["error"]["message"]
     assert _leftovers(upload_app.dest) == []
+
+
+# --------------------------------------------------------------------------- sniff
+
+from streamguard.inputs.sniff import VideoInfo, probe_image, probe_video  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """2 s of 160x120 video with audio in four containers, and things that are not video."""
+    import subprocess
+
+    from live_servers import FFMPEG
+    from PIL import Image
+    from videos import make_video
+
+    d = tmp_path_factory.mktemp("sniff")
+    mp4 = make_video(d / "clip.mp4", seconds=2, fps=10, width=160, height=120)
+
+    def ffmpeg(*args: str) -> None:
+        subprocess.run([FFMPEG, "-v", "error", "-y", "-i", str(mp4), *args], check=True, timeout=60)
+
+    ffmpeg("-c", "copy", str(d / "clip.mkv"))
+    ffmpeg("-c", "copy", str(d / "clip.ts"))
+    ffmpeg("-c:v", "libvpx", "-deadline", "realtime", "-b:v", "200k", "-c:a", "libopus", str(d / "clip.webm"))
+    ffmpeg("-vn", "-c", "copy", str(d / "audio.m4a"))
+    ffmpeg("-c", "copy", "-movflags", "+faststart", str(d / "faststart.mp4"))
+    data = mp4.read_bytes()
+    (d / "cut.mp4").write_bytes(data[:len(data) // 2])  # the index (moov) was at the end: gone
+    fast = (d / "faststart.mp4").read_bytes()
+    (d / "cut-faststart.mp4").write_bytes(fast[:len(fast) * 6 // 10])  # index intact, tail missing
+    (d / "mp4-named.txt").write_bytes(data)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(d / "picture.png")
+    (d / "picture-named.mp4").write_bytes((d / "picture.png").read_bytes())
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(d / "picture.jpg")
+    (d / "notes.txt").write_text("just some notes\n" * 100)
+    (d / "notes").write_text("just some notes\n" * 100)
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "noise.bin").write_bytes(bytes((i * 7919) % 251 for i in range(20000)))
+    return {p.name: p for p in d.iterdir()}
+
+
+@pytest.mark.parametrize("name, container, audio", [
+    ("clip.mp4", "mov,mp4,m4a,3gp,3g2,mj2", True),
+    ("clip.mkv", "matroska,webm", True),
+    ("clip.ts", "mpegts", True),
+    ("clip.webm", "matroska,webm", True),
+    ("faststart.mp4", "mov,mp4,m4a,3gp,3g2,mj2", True),
+    ("mp4-named.txt", "mov,mp4,m4a,3gp,3g2,mj2", True),  # by content, not by name
+])
+def test_videos_are_recognised(media: dict[str, Path], name: str, container: str, audio: bool) -> None:
+    info = probe_video(media[name])
+    assert isinstance(info, VideoInfo)
+    assert (info.width, info.height, info.container, info.has_audio) == (160, 120, container, audio)
+    assert info.duration is not None and 1.8 <= info.duration <= 2.2
+
+
+@pytest.mark.parametrize("name, reason, words", [
+    ("picture.png", "image", "the file at inputUrl is an image (PNG), not a video"),
+    ("picture-named.mp4", "image", "is an image (PNG), not a video"),
+    ("picture.jpg", "image", "is an image (JPEG), not a video"),
+    ("notes.txt", "text", "is text, not a video"),  # FFmpeg's tty demuxer claims .txt
+    ("notes", "unreadable", "is not a video file (FFmpeg: "),
+    ("noise.bin", "unreadable", "is not a video file (FFmpeg: "),
+    ("audio.m4a", "audio_only", "no video stream (it contains audio)"),
+    ("cut.mp4", "unreadable", "is not a video file (FFmpeg: "),
+    ("cut-faststart.mp4", "corrupt", "truncated or corrupt"),
+    ("empty.mp4", "empty", "is empty"),
+])
+def test_what_is_not_video_is_refused(media: dict[str, Path], name: str, reason: str, words: str) -> None:
+    with pytest.raises(InputInvalid) as info:
+        probe_video(media[name], field="inputUrl")
+    assert info.value.http_status == 400
+    assert info.value.details == {"field": "inputUrl", "reason": reason}
+    assert words in info.value.message and str(media[name]) not in info.value.message
+
+
+@pytest.mark.parametrize("fmt, name", [("JPEG", "JPEG"), ("PNG", "PNG"), ("GIF", "GIF"), ("WEBP", "WEBP"),
+                                       ("BMP", "BMP"), ("TIFF", "TIFF"), ("TIFF-BE", "TIFF")])
+def test_images_are_recognised_by_their_bytes(fmt: str, name: str) -> None:
+    from PIL import Image
+    buf = io.BytesIO()
+    image = Image.new("RGB", (32, 24), (10, 200, 30))
+    if fmt == "TIFF-BE":
+        image.save(buf, format="TIFF", tiffinfo={}, **{"big_endian": True})
+    else:
+        image.save(buf, format=fmt)
+    data = buf.getvalue()
+    assert probe_image(data) == name
+    with Image.open(io.BytesIO(data), formats=[probe_image(data)]) as opened:
+        assert opened.size == (32, 24)
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "is empty"),
+    (b"<!doctype html><html><body>not found</body></html>", "looks like HTML"),
+    (b"just some words\n" * 10, "looks like text"),
+    (b"\x00\x00\x00\x20ftypisom" + bytes(100), "looks like a video"),
+    (b"BM" + bytes(30), "match none"),  # "BM" text, not a bitmap header
+    (bytes(range(256)), "match none"),
+])
+def test_what_is_not_an_image_is_refused(data: bytes, words: str) -> None:
+    with pytest.raises(InputInvalid) as info:
+        probe_image(data, field="inputUrls[1]")
+    assert info.value.http_status == 400 and info.value.details["field"] == "inputUrls[1]"
+    assert words in info.value.message
