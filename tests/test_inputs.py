@@ -182,7 +182,8 @@ async def test_a_redirect_to_a_refused_address_is_not_followed(files: FileServer
 async def test_allow_private_allows_every_hop(files: FileServer, refused_host: FileServer, tmp_path: Path) -> None:
     target = refused_host.url("/files/data.bin")
     dest = tmp_path / "in.bin"
-    await download(files.url(f"/to?url={quote(target)}"), dest, sources=SourcesSettings(allow_private=True), limits=FAST)
+    await download(files.url(f"/to?url={quote(target)}"), dest, sources=SourcesSettings(allow_private=True),
+                   limits=FAST)
     assert dest.read_bytes() == DATA
 
 

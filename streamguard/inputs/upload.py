@@ -62,8 +62,10 @@ def _stop_reading(request: web.Request) -> None:
     loop = asyncio.get_running_loop()
 
     def half_close() -> None:
-        if transport.is_closing():
+        if transport.is_closing() or getattr(transport, "_streamguard_half_closed", False):
+            close()  # asked again (the server shutting down): now
             return
+        transport._streamguard_half_closed = True  # type: ignore[attr-defined]
         transport.pause_reading()
         if transport.can_write_eof():
             transport.write_eof()  # after what is buffered: the reply goes out, then FIN
