@@ -144,6 +144,23 @@ async def test_size_limit_up_front_and_while_streaming(files: FileServer, tmp_pa
         assert _leftovers(tmp_path) == []
 
 
+async def test_a_large_download_streams_with_bounded_memory(files: FileServer, tmp_path: Path) -> None:
+    size = 100 << 20
+    baseline, peak, stop = _rss_kib(), [0], asyncio.Event()
+    watcher = asyncio.create_task(_watch_rss(stop, peak))
+    began = time.monotonic()
+    try:
+        n = await download(files.url(f"/big?size={size}"), tmp_path / "big.bin", sources=ALLOWED,
+                           limits=FetchLimits(max_bytes=size, timeout=30))
+    finally:
+        stop.set()
+        await watcher
+    print(f"{size >> 20} MiB downloaded in {time.monotonic() - began:.2f} s, "
+          f"peak RSS +{peak[0] - baseline} KiB")
+    assert n == size == (tmp_path / "big.bin").stat().st_size
+    assert peak[0] - baseline < 32 << 10
+
+
 async def test_one_time_limit_for_the_whole_fetch(files: FileServer, tmp_path: Path) -> None:
     files.add("slow.bin", bytes(20_000))
     limits = FetchLimits(max_bytes=1 << 20, timeout=0.8, retries=3, backoff=0.05, stall_timeout=5)
