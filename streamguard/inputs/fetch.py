@@ -192,8 +192,11 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 async def _receive(fetch: _Fetch, resp: aiohttp.ClientResponse, sink: _Sink) -> None:
     status = resp.status
     offset = sink.size
-    if status == 416 and offset and fetch.total == offset:
-        return  # everything had arrived before the connection broke
+    if status == 416 and offset:
+        if fetch.total == offset:
+            return  # everything had arrived before the connection broke
+        await sink.restart()  # what we hold is not a prefix of what is there now
+        raise _Retry("the server refused to resume the download")
     if status in (408, 429) or status >= 500:
         raise _Retry(f"HTTP {status} {resp.reason or ''}".strip(), _retry_after(resp))
     if not 200 <= status < 300:
