@@ -292,15 +292,16 @@ class StreamService:
 
     def check_admission(self, needs_model: bool) -> None:
         """503 for what this node cannot take now: disk below the floor, or
-        moderation without a loaded model."""
+        analysis (moderation, categorization) without a loaded model."""
         low = self.disk.reason()
         if low is not None:
             raise Unavailable(f"not accepting new tasks: {low}",
                               details={"reason": "low_disk", "free_bytes": self.disk.free_bytes(),
                                        "min_free_bytes": self.disk.min_free_bytes})
         if needs_model and self.analyzer is None:
-            raise Unavailable(f"moderation is unavailable on this node: {self.model_error}",
-                              details={"reason": "model_not_loaded"})
+            raise Unavailable(
+                f"moderation and categorization are unavailable on this node: {self.model_error}",
+                details={"reason": "model_not_loaded"})
 
     def _prepare(self, row: TaskRow, req: StreamRequest) -> PreparedTask:
         """The parts of a task that can fail before it runs (its media dir must be writable)."""
