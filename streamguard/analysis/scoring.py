@@ -65,8 +65,13 @@ class ConceptSet:
         sizes = np.array([len(prompts) for _, prompts in concepts], np.int64)
         if (sizes < 1).any():
             raise ValueError(f"{name}: every concept needs at least one prompt")
+        self.sizes = sizes
         self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.log_sizes = np.log(sizes).astype(np.float32)
+
+    def split(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Per-prompt rows ([P, ...], in `prompts` order) cut into one block per concept."""
+        return np.split(rows, self.starts[1:])
 
     def key(self, fingerprint: str) -> str:
         payload = json.dumps([ENGINE_VERSION, self.name, self.names, self.prompts])
@@ -83,7 +88,7 @@ def concept_logits(image_embeddings: np.ndarray, prompts: np.ndarray, concepts: 
     -> [N, K] concept logits (logsumexp over each concept's prompts - log n)."""
     logits = scale * (image_embeddings @ prompts.T)  # [N, P]
     peak = np.maximum.reduceat(logits, concepts.starts, axis=1)  # [N, K]
-    expanded = np.repeat(peak, np.diff(np.append(concepts.starts, logits.shape[1])), axis=1)
+    expanded = np.repeat(peak, concepts.sizes, axis=1)
     sums = np.add.reduceat(np.exp(logits - expanded), concepts.starts, axis=1)
     return peak + np.log(sums) - concepts.log_sizes
 
