@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--threshold", type=_ranged(float, *bounds(Threshold)), default=None, help="violation threshold (0.30)")
     scan.add_argument("--out", metavar="DIR", type=Path, help="HLS output folder")
     scan.add_argument("--moderate", action="store_true", help="run content moderation")
+    scan.add_argument("--categorize", action="store_true",
+                      help="categorize each segment (20 content categories and tags)")
     scan.add_argument("--renditions", type=_renditions, default=["source"],
                       help="comma-separated renditions to write (source)")
     _common(scan, model=True)
@@ -154,7 +156,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         "segment_seconds": args.segment_seconds, "fps": args.fps, "threshold": args.threshold}})
     p = settings.pipeline
     opts = PipelineOptions(segment_seconds=p.segment_seconds, fps=p.fps, threshold=p.threshold,
-                           moderate=args.moderate)
+                           moderate=args.moderate, categorize=args.categorize, top_k=p.categorization_top_k,
+                           thresholds=p.thresholds)
     return asyncio.run(run_scan(args.inputs, settings, opts, out_dir=args.out, model_dir=args.model))
 
 

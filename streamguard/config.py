@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
-from .schemas import Fps, SegmentSeconds, Threshold
+from .schemas import Fps, SegmentSeconds, Threshold, TopK, check_thresholds
 
 ENV_PREFIX = "STREAMGUARD_"
 
@@ -95,11 +95,19 @@ class PipelineSettings(_Section, kw_only=True):
     segment_seconds: SegmentSeconds = 5
     fps: Fps = 1
     threshold: Threshold = 0.30
+    # Per moderation category, a threshold that replaces `threshold` for that
+    # category (a request's own `thresholds` replace these in turn).
+    thresholds: dict[str, float] = msgspec.field(default_factory=dict)
+    # Categorization: the most categories listed per result (the primary first).
+    categorization_top_k: TopK = 6
     # Seconds to wait for an input to open, and for each read once open.
     open_timeout: PosFloat = 10.0
     read_timeout: PosFloat = 10.0
     # Decoder threads per stream; 1 scales best with many concurrent streams.
     decode_threads: Annotated[int, Meta(ge=0, le=64)] = 1
+
+    def __post_init__(self) -> None:
+        check_thresholds("pipeline.thresholds", self.thresholds)
 
 
 class LiveSettings(_Section, kw_only=True):

@@ -43,6 +43,35 @@ class LogoDetection(_Wire, kw_only=True):
     frames_processed: int
 
 
+class CategoryScore(_Wire, kw_only=True):
+    name: str
+    confidence: float
+    primary: bool
+
+
+class Categorization(_Wire, kw_only=True):
+    """A segment's categorization (CONTRACT §3, §6): its frames averaged."""
+
+    primary_category: str
+    confidence: float
+    categories: list[CategoryScore]  # the primary first, then others >= 0.01, at most topK
+    tags: list[str]
+    scores: dict[str, float]  # all 20 categories, summing to 1
+
+
+class CategorizationSummary(_Wire, kw_only=True):
+    """Categorization of a whole job or standalone input, in the reference's
+    shape (camelCase): every analysed frame averaged."""
+
+    primaryCategory: str
+    confidence: float
+    categories: list[CategoryScore]
+    tags: list[str]
+    scores: dict[str, float]
+    framesAnalyzed: int
+    processingTimeMs: int
+
+
 class SegmentData(_Wire, kw_only=True):
     segment_index: int
     start_time: str
@@ -50,7 +79,7 @@ class SegmentData(_Wire, kw_only=True):
     video_url: str
     content_moderation: ContentModeration | None = None
     logo_detection: LogoDetection | None = None
-    categorization: dict[str, Any] | None = None
+    categorization: Categorization | None = None
     processing_time_ms: str
 
 
@@ -147,10 +176,38 @@ def check_unique(field: str, values: list[str]) -> None:
         raise FieldInvalid(field, f"{field} lists {', '.join(sorted(duplicates)[:5])} more than once")
 
 
+# The 13 moderation categories of the reference, in its order (analysis/categories.py
+# pairs each with its severity and prompts), and the 20 categorization categories
+# of CONTRACT §6 (analysis/taxonomy.py: their prompts and tags).
+MODERATION_CATEGORY_NAMES: tuple[str, ...] = (
+    "nudity_explicit", "sexual_activity", "suggestive_nudity", "lingerie_underwear", "sexy_suggestive",
+    "violence", "gore_graphic", "hate_symbols", "drugs_substances", "weapons", "child_safety", "self_harm",
+    "harassment")
+CATEGORIZATION_NAMES: tuple[str, ...] = (
+    "Sports", "Film & TV", "Music & Dance", "Gaming", "Comedy & Memes", "Lifestyle & Vlog", "Travel & Nature",
+    "Food & Cooking", "Beauty & Fashion", "Fitness & Health", "Education & How-To", "Science & Technology",
+    "News & Politics", "Business & Finance", "Autos & Vehicles", "Pets & Animals", "Kids & Family", "Art & DIY",
+    "Talk & Podcasts", "Home & Garden")
+
 Fps = Annotated[int, Meta(ge=1, le=30)]
 SegmentSeconds = Annotated[int, Meta(ge=1, le=60)]
 Threshold = Annotated[float, Meta(ge=0, le=1)]
 MaxLogos = Annotated[int, Meta(ge=1, le=50)]
+TopK = Annotated[int, Meta(ge=1, le=len(CATEGORIZATION_NAMES))]
+# Per-category thresholds: moderation category -> 0..1 (checked by check_thresholds).
+Thresholds = Annotated[dict[str, float], Meta(
+    description="per moderation category, a threshold between 0 and 1 that replaces `threshold` for it")]
+
+
+def check_thresholds(field: str, thresholds: dict[str, float] | None) -> None:
+    """Every key a moderation category, every value within 0..1 (a FieldInvalid naming the first wrong one)."""
+    for name, value in (thresholds or {}).items():
+        if name not in MODERATION_CATEGORY_NAMES:
+            raise FieldInvalid(field, f"{field} names an unknown category {name!r} "
+                                      f"(one of {', '.join(MODERATION_CATEGORY_NAMES)})")
+        lo, hi = bounds(Threshold)
+        if isinstance(value, bool) or not lo <= value <= hi:
+            raise FieldInvalid(field, f"{field}.{name} must be between {lo:g} and {hi:g}")
 
 
 def bounds(annotated: Any) -> tuple[Any, Any]:
@@ -201,6 +258,7 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     max_logos: MaxLogos = 5
     segment_seconds: SegmentSeconds = 5
     threshold: Threshold = 0.30
+    thresholds: Thresholds | None = None
     renditions: Annotated[list[Rendition], Meta(min_length=1, max_length=len(get_args(Rendition)))] = msgspec.field(
         default_factory=lambda: ["source"])
     callback_url: HttpUrl | None = None
@@ -209,6 +267,7 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         check_unique("renditions", self.renditions)
         check_metadata(self.metadata)
+        check_thresholds("thresholds", self.thresholds)
 
 
 class StreamStartedData(_Wire, kw_only=True):

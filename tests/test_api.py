@@ -120,7 +120,6 @@ def test_malformed_json_wrong_type_and_oversize(daemon, key):
 
 @pytest.mark.parametrize("body,field", [
     ({"url": "rtmp://127.0.0.1/live/x", "enable_logo_detection": True}, "enable_logo_detection"),
-    ({"url": "rtmp://127.0.0.1/live/x", "enable_categorization": True}, "enable_categorization"),
     ({"url": "rtmp://127.0.0.1/live/x", "renditions": ["source", "720p"]}, "renditions"),
 ])
 def test_features_not_offered_yet_are_refused_not_ignored(daemon, key, body, field):
@@ -230,6 +229,13 @@ def test_undecodable_bodies_are_400(daemon, key, raw, needle):
     ({"renditions": ["source", "source"]}, "renditions", "more than once"),
     ({"renditions": ["source"] * 10_000}, "renditions", "renditions"),
     ({"callback_url": "http://example.com/" + "a" * 5000}, "callback_url", "4096"),
+    # per-category thresholds: known moderation categories only, each within 0..1
+    ({"thresholds": {"violence": 0.5, "gunz": 0.2}}, "thresholds", "unknown category 'gunz'"),
+    ({"thresholds": {"Sports": 0.2}}, "thresholds", "unknown category 'Sports'"),
+    ({"thresholds": {"weapons": 1.5}}, "thresholds", "thresholds.weapons must be between 0 and 1"),
+    ({"thresholds": {"weapons": -0.1}}, "thresholds", "thresholds.weapons must be between 0 and 1"),
+    ({"thresholds": {"weapons": "high"}}, "thresholds", "Expected `float`"),
+    ({"thresholds": [0.5]}, "thresholds", "Expected `object | null`"),
 ])
 def test_stream_request_limits(daemon, key, body, field, needle):
     reply = daemon.call("POST", "/v1/streams", {"url": "rtmp://127.0.0.1/live/x", **body}, key=key)

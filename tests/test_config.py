@@ -34,6 +34,14 @@ def test_env_overrides_use_double_underscore_paths():
     assert env_overrides({"STREAMGUARD_MODEL__FP16": "false"}) == {"model": {"fp16": False}}
 
 
+def test_per_category_thresholds_from_file_and_env(tmp_path):
+    cfg = tmp_path / "sg.toml"
+    cfg.write_text("[pipeline.thresholds]\nweapons = 0.5\nharassment = 0.4\n")
+    s = load_settings(cfg, environ={"STREAMGUARD_PIPELINE__THRESHOLDS__HARASSMENT": "0.35"})
+    assert s.pipeline.thresholds == {"weapons": 0.5, "harassment": 0.35}
+    assert load_settings(environ={}).pipeline.thresholds == {}
+
+
 def test_file_then_env_then_overrides(tmp_path):
     cfg = tmp_path / "sg.toml"
     cfg.write_text("[server]\nport = 7000\nhost = '0.0.0.0'\n")
@@ -47,6 +55,9 @@ def test_file_then_env_then_overrides(tmp_path):
     ({"STREAMGUARD_SERVER__PORT": "http"}, "port"),
     ({"STREAMGUARD_PIPELINE__NOPE": "1"}, "nope"),
     ({"STREAMGUARD_MODEL__PROVIDERS": "tpu"}, "providers"),
+    ({"STREAMGUARD_PIPELINE__THRESHOLDS__GUNZ": "0.5"}, "pipeline.thresholds names an unknown category 'gunz'"),
+    ({"STREAMGUARD_PIPELINE__THRESHOLDS__WEAPONS": "2"}, "pipeline.thresholds.weapons must be between 0 and 1"),
+    ({"STREAMGUARD_PIPELINE__CATEGORIZATION_TOP_K": "21"}, "categorization_top_k"),
 ])
 def test_invalid_values_are_clear_errors(env, needle):
     with pytest.raises(ConfigError) as exc:

@@ -183,6 +183,18 @@ def assert_moderation(data: dict) -> dict:
     return cm
 
 
+def assert_categorization(data: dict) -> dict:
+    """categorization of a segment with no green (CONTRACT §6 rules; the test model's green is Sports)."""
+    cat = data["categorization"]
+    assert cat is not None, data
+    assert len(cat["scores"]) == 20 and abs(sum(cat["scores"].values()) - 1) <= 1e-3, cat["scores"]
+    first, rest = cat["categories"][0], cat["categories"][1:]
+    assert first == {"name": cat["primary_category"], "confidence": cat["confidence"], "primary": True}, cat
+    assert len(cat["categories"]) <= 6 and all(not c["primary"] and c["confidence"] >= 0.01 for c in rest), cat
+    assert cat["scores"]["Sports"] < 0.2 and cat["tags"], cat
+    return cat
+
+
 def assert_tokens(record: dict) -> int:
     """video_tokens = frames run through the encoder x 50; input = total = video + text;
     output 0; no text: the node's shared prompt embeddings are charged to no tenant
@@ -469,7 +481,8 @@ def test_rtsp_over_tcp_with_moderation(daemon: Daemon) -> None:
 def test_hls_source(daemon: Daemon, live_video: Path) -> None:
     key = daemon.create_key("live-hls")
     with ls.HlsLiveSource(live_video) as hls:
-        task_id = start_task(daemon, key, hls.url)
+        # with categorization and a per-category threshold (one image pass serves both analyses)
+        task_id = start_task(daemon, key, hls.url, enable_categorization=True, thresholds={"weapons": 0.5})
         daemon.wait_for(lambda: len(segment_records(daemon.records(task_id, key))) >= 3, 40, "three records")
         stop = daemon.call("POST", f"/v1/streams/{task_id}/stop", key=key)
     assert stop.status == 200 and stop.data["state"] == "stopped" and stop.data["status"] == 14, stop.body
@@ -479,8 +492,11 @@ def test_hls_source(daemon: Daemon, live_video: Path) -> None:
     assert_tiling(datas)
     for d in datas:
         assert_moderation(d)
+        assert_categorization(d)
     for r in records[:-1]:
-        assert_tokens(r)
+        assert_tokens(r)  # categorization adds no tokens
+    settings = task_view(daemon, task_id, key)["settings"]
+    assert settings["enable_categorization"] is True and settings["thresholds"] == {"weapons": 0.5}, settings
     pl = get(daemon, f"/media/{task_id}/source/playlist.m3u8")
     assert pl.status == 200 and pl.body.decode().rstrip().endswith("#EXT-X-ENDLIST")
 

@@ -22,6 +22,7 @@ from streamguard.config import ModelSettings, Settings
 from streamguard.errors import ModelError
 from streamguard.inference.bundle import FileEntry, read_manifest, sha256_file, write_manifest
 from streamguard.inference.clip import ClipModel
+from streamguard.inference.testmodel import EMBED_DIM
 
 from test_model_scoring import frames_with_red_fraction
 
@@ -128,7 +129,7 @@ def test_mask_is_fed_only_when_the_graph_takes_one(test_bundle, tmp_path):
     _set_manifest(b, text__attention_mask="attention_mask")  # names a mask the graph does not take
     model = ClipModel(b, ModelSettings(providers="cpu"), tmp_path / "cache")
     emb, tokens = model.encode_texts(["a photo of violence"])
-    assert emb.shape == (1, 32) and tokens > 0
+    assert emb.shape == (1, EMBED_DIM) and tokens > 0
 
 
 def _broken(test_bundle: Path, tmp_path: Path, how: str) -> Path:
@@ -170,7 +171,7 @@ def _broken(test_bundle: Path, tmp_path: Path, how: str) -> Path:
     elif how == "ambiguous_names":
         def two_outputs(g: onnx.GraphProto) -> None:
             g.output.append(helper.make_tensor_value_info("frac", TensorProto.FLOAT, ["batch", 1]))
-            g.output.append(helper.make_tensor_value_info("embeds2", TensorProto.FLOAT, ["batch", 32]))
+            g.output.append(helper.make_tensor_value_info("embeds2", TensorProto.FLOAT, ["batch", EMBED_DIM]))
             g.node.append(helper.make_node("Identity", ["out"], ["embeds2"]))
             _rename(g, "image_embeds", "out")
         _edit(b, "visual.onnx", two_outputs)
@@ -182,8 +183,8 @@ def _broken(test_bundle: Path, tmp_path: Path, how: str) -> Path:
 BROKEN = {"missing_file": "missing textual.onnx", "truncated": "visual.onnx is .* bytes, the manifest says",
           "bad_checksum": "checksum mismatch for visual.onnx", "unreadable_onnx": "cannot load ONNX model",
           "image_size": r"expected \[N, 3, 256, 256\]",
-          "embedding_dim": "32 wide but the manifest's embedding_dim is 64",
-          "open_width": r"gives shape \[1, 32\] for 1 input\(s\), expected \[1, 48\]",
+          "embedding_dim": f"{EMBED_DIM} wide but the manifest's embedding_dim is 64",
+          "open_width": rf"gives shape \[1, {EMBED_DIM}\] for 1 input\(s\), expected \[1, 48\]",
           "ambiguous_names": "cannot tell which output to use"}
 
 

@@ -1,5 +1,6 @@
 """The test bundle's planted behaviour through the project's own scoring, the
-prompt-embedding cache, and the batcher."""
+calibration of the engine (every concept scored alike), per-category
+thresholds, the prompt-embedding cache, and the batcher."""
 
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 from streamguard.config import ModelSettings
 from streamguard.inference.batcher import InferenceBatcher
 from streamguard.inference.clip import ClipModel
-from streamguard.analysis.categories import CATEGORY_NAMES, MODERATION_CATEGORIES
-from streamguard.analysis.scoring import ModerationScorer, violations
+from streamguard.analysis.categories import CATEGORY_NAMES, MODERATION_CATEGORIES, SAFE_CONCEPTS
+from streamguard.analysis.scoring import MODERATION_CONCEPTS, ModerationScorer, category_thresholds, violations
+from streamguard.inference.clip import l2_normalize
 from streamguard.errors import ModelError
 
 
@@ -43,6 +45,79 @@ def test_planted_behaviour(model, tmp_path):
         assert (row[others] < 0.1).all()
     for row in scores[3:]:  # no red majority
         assert (row < 0.1).all()
+
+
+def _ensembles(prompts: np.ndarray) -> list[np.ndarray]:
+    """The moderation bank's per-concept prompt embeddings (categories, then safe concepts)."""
+    return MODERATION_CONCEPTS.split(prompts)
+
+
+def _old_scores(image: np.ndarray, prompts: np.ndarray, scale: float) -> np.ndarray:
+    """The engine before issue 11: a category is its renormalised mean prompt
+    embedding, each safe prompt stands alone."""
+    groups = _ensembles(prompts)
+    n = len(MODERATION_CATEGORIES)
+    cats = l2_normalize(np.stack([g.mean(axis=0) for g in groups[:n]]))
+    safe = np.concatenate(groups[n:])
+    cat, other = scale * image @ cats.T, scale * image @ safe.T
+    lse = other.max() + np.log(np.exp(other - other.max()).sum())
+    return 1 / (1 + np.exp(-(cat - lse)))
+
+
+def test_test_bundle_ensembles_are_not_degenerate(model, tmp_path):
+    """Phrasings of one concept differ, as with a real CLIP: an ensemble's mean
+    is not unit length, by a different amount per concept (else a bias that
+    depends on it could not show here)."""
+    prompts = ModerationScorer(model, tmp_path).bank.embeddings
+    norms = np.array([np.linalg.norm(g.mean(axis=0)) for g in _ensembles(prompts)])
+    assert len(norms) == len(MODERATION_CATEGORIES) + len(SAFE_CONCEPTS)
+    assert norms.max() < 0.99 and norms.max() - norms.min() > 0.05, norms
+
+
+def test_a_frame_that_says_nothing_scores_the_same_for_every_category(model, tmp_path):
+    """A frame exactly as close to every prompt (categories' and safe scenes')
+    is evidence for none: every category must score the same, 1/(1 + number of
+    safe concepts). The old formula gave each category 1/|mean| of its
+    ensemble extra cosine (here up to 0.65 for one category, 0.05 for another),
+    so this fails for it and holds for the engine of every-concept-alike."""
+    scorer = ModerationScorer(model, tmp_path)
+    prompts = scorer.bank.embeddings.astype(np.float64)
+    x = prompts.T @ np.linalg.solve(prompts @ prompts.T, np.ones(len(prompts)))  # equal cosine to all
+    x /= np.linalg.norm(x)
+    cos = prompts @ x
+    assert cos.max() - cos.min() < 1e-4 and cos.min() > 0.05
+    image = x[None].astype(np.float32)
+
+    fair = 1 / (1 + len(SAFE_CONCEPTS))
+    assert np.allclose(scorer.score(image), fair, atol=1e-3)
+
+    old = _old_scores(image[0], prompts, model.logit_scale)
+    assert old.max() - old.min() > 0.3, old  # the bias this test exists to catch
+    assert old.max() > 0.3  # ... enough to flag a frame that shows nothing
+
+
+def test_scores_do_not_depend_on_how_often_a_phrasing_is_listed(model, tmp_path):
+    """A concept's likelihood is the mean of its phrasings': listing each of
+    its prompts twice changes nothing (a sum would gain log 2)."""
+    from streamguard.analysis.scoring import ConceptSet, concept_logits
+    scorer = ModerationScorer(model, tmp_path)
+    blocks = MODERATION_CONCEPTS.split(np.array(MODERATION_CONCEPTS.prompts))
+    doubled = ConceptSet("doubled", [(n, tuple(b) * 2) for n, b in zip(MODERATION_CONCEPTS.names, blocks)])
+    prompts = np.concatenate([np.concatenate([g, g]) for g in _ensembles(scorer.bank.embeddings)])
+    image = model.encode_images(frames_with_red_fraction([1.0, 0.0]))
+    assert np.allclose(concept_logits(image, prompts, doubled, model.logit_scale), scorer.bank.logits(image),
+                       atol=1e-4)
+
+
+def test_per_category_thresholds():
+    scores = {"weapons": 0.4, "violence": 0.9, "gore_graphic": 0.1, "harassment": 0.25}
+    node = {"weapons": 0.5}
+    request = {"harassment": 0.2}
+    limits = category_thresholds(0.3, node, request)
+    assert set(limits) == set(CATEGORY_NAMES) and limits["violence"] == 0.3
+    assert limits["weapons"] == 0.5 and limits["harassment"] == 0.2
+    assert [v.category for v in violations(scores, limits)] == ["violence", "harassment"]
+    assert category_thresholds(0.3, node, {"weapons": 0.35})["weapons"] == 0.35  # the request's wins
 
 
 def test_prompt_embeddings_cached_on_disk(model, tmp_path):

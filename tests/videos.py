@@ -1,4 +1,4 @@
-"""Test videos generated with PyAV: a moving pattern, saturated red where asked."""
+"""Test videos generated with PyAV: a moving pattern, saturated red or green where asked."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import av
 import numpy as np
 
 
-def pattern_frame(i: int, width: int, height: int, red: bool) -> np.ndarray:
-    if red:
+def pattern_frame(i: int, width: int, height: int, red: bool, green: bool = False) -> np.ndarray:
+    if red or green:
         img = np.zeros((height, width, 3), np.uint8)
-        img[..., 0] = 255
+        img[..., 0 if red else 1] = 255
         return img
     y, x = np.mgrid[0:height, 0:width]
     img = np.empty((height, width, 3), np.uint8)
@@ -23,7 +23,8 @@ def pattern_frame(i: int, width: int, height: int, red: bool) -> np.ndarray:
 
 
 def make_video(path: Path, *, seconds: float = 20, fps: int = 25, width: int = 320, height: int = 240,
-               gop: int | None = None, red: tuple[tuple[float, float], ...] = (), audio: bool = True,
+               gop: int | None = None, red: tuple[tuple[float, float], ...] = (),
+               green: tuple[tuple[float, float], ...] = (), audio: bool = True,
                bframes: int = 2, codec: str = "libx264", preset: str = "ultrafast",
                encoder_threads: int = 1) -> Path:
     """H.264 (+AAC) file; keyframes every `gop` frames exactly (no scene cuts)."""
@@ -45,7 +46,8 @@ def make_video(path: Path, *, seconds: float = 20, fps: int = 25, width: int = 3
     for i in range(n):
         t = i / fps
         is_red = any(lo <= t < hi for lo, hi in red)
-        frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, is_red), format="rgb24")
+        is_green = any(lo <= t < hi for lo, hi in green)
+        frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, is_red, is_green), format="rgb24")
         frame.pts = i
         frame.time_base = Fraction(1, fps)
         for packet in v.encode(frame):

@@ -1,6 +1,7 @@
 """The AI side shared by all pipelines of a process: one model, one batcher,
-one scorer. Turns a closed segment's sampled frames into the moderation part
-of its record."""
+one moderation scorer and one categorizer. Turns a closed segment's sampled
+frames into the analysis parts of its record: each frame is run through the
+image encoder once, whatever analyses use its embedding."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from concurrent.futures import CancelledError, Future
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from ..inference.batcher import InferenceBatcher
 from ..inference.clip import ClipModel
 from ..media.segmenter import fmt_time
 from .categories import CATEGORY_NAMES
+from .categorize import CategoryEvidence, Categorizer
 from .reuse import StreamReuse
 from .scoring import ModerationScorer, scores_dict, violations
 from ..schemas import ContentModeration, FlaggedFrame
@@ -86,11 +88,12 @@ class TextTokenMeter:
 
 
 class Analyzer:
-    def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer, *,
-                 reuse_duplicates: bool = True) -> None:
+    def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer,
+                 categorizer: Categorizer, *, reuse_duplicates: bool = True) -> None:
         self.model = model
         self.batcher = batcher
         self.scorer = scorer
+        self.categorizer = categorizer
         self.reuse_duplicates = reuse_duplicates
 
     @classmethod
@@ -108,13 +111,14 @@ class Analyzer:
         batcher = InferenceBatcher(model.encode_prepared, prepare=model.preprocess, max_batch=inf.max_batch,
                                    max_wait=inf.max_wait_ms / 1000, budget=inf.batch_budget_ms / 1000,
                                    on_batch=on_batch)
-        return cls(model, batcher, ModerationScorer(model, cache), reuse_duplicates=inf.reuse_duplicates)
+        return cls(model, batcher, ModerationScorer(model, cache), Categorizer(model, cache),
+                   reuse_duplicates=inf.reuse_duplicates)
 
     def prepare(self) -> int:
-        """Encode (or load cached) the shared prompt embeddings; blocking, call
-        off-loop. Returns the prompt tokens encoded: the node's own cost, charged
-        to no request."""
-        return self.scorer.prepare()
+        """Encode (or load cached) the shared prompt embeddings of moderation,
+        categories and tags; blocking, call off-loop. Returns the prompt tokens
+        encoded: the node's own cost, charged to no request."""
+        return self.scorer.prepare() + self.categorizer.prepare()
 
     @property
     def image_size(self) -> int:
@@ -131,17 +135,25 @@ class Analyzer:
         """A new stream's duplicate-frame reuse (one per pipeline: never across tasks)."""
         return StreamReuse(self.submit, enabled=self.reuse_duplicates)
 
-    async def moderate(self, frames: list[tuple[Fraction, Future]], threshold: float) -> ContentModeration:
+    async def embeddings(self, frames: list[tuple[Fraction, Future]]) -> np.ndarray:
+        """The frames' image embeddings [N, D], once the batcher has them."""
         if not frames:
-            return ContentModeration(has_unsafe_content=False, frames_processed=0, violations=[],
-                                     scores=scores_dict(np.zeros(len(CATEGORY_NAMES))),
-                                     flagged_frames=[])
+            return np.zeros((0, self.model.manifest.embedding_dim), np.float32)
         try:
-            embeddings = np.stack(await gather_threadsafe([f for _, f in frames]))
+            return np.stack(await gather_threadsafe([f for _, f in frames]))
         except CancelledError:
             raise ModelError("frames withdrawn: the task ended") from None
         except Exception as exc:
             raise ModelError(f"inference failed: {exc}") from None
+
+    def moderation(self, frames: list[tuple[Fraction, Future]], embeddings: np.ndarray,
+                   threshold: float | Mapping[str, float]) -> ContentModeration:
+        """Moderation of a segment's frames from their embeddings; `threshold`
+        is one for every category or one per category (scoring.category_thresholds)."""
+        if not frames:
+            return ContentModeration(has_unsafe_content=False, frames_processed=0, violations=[],
+                                     scores=scores_dict(np.zeros(len(CATEGORY_NAMES))),
+                                     flagged_frames=[])
         per_frame = self.scorer.score(embeddings)
         segment_scores = scores_dict(per_frame.max(axis=0))
         flagged = []
@@ -152,6 +164,15 @@ class Analyzer:
         seg_violations = violations(segment_scores, threshold)
         return ContentModeration(has_unsafe_content=bool(seg_violations), frames_processed=len(frames),
                                  violations=seg_violations, scores=segment_scores, flagged_frames=flagged)
+
+    async def moderate(self, frames: list[tuple[Fraction, Future]],
+                       threshold: float | Mapping[str, float]) -> ContentModeration:
+        return self.moderation(frames, await self.embeddings(frames), threshold)
+
+    def category_evidence(self, embeddings: np.ndarray) -> CategoryEvidence:
+        """Categorization evidence of frames (categorize.summarize_categorization
+        turns it, or the sum of many, into a result)."""
+        return self.categorizer.evidence(embeddings)
 
     def close(self) -> None:
         self.batcher.close()

@@ -70,7 +70,7 @@ ARCHS: dict[str, dict[str, Any]] = {
         "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        patch_size=32, image_size=224),
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     max_position_embeddings=77, vocab_size=512),
+                     max_position_embeddings=77, vocab_size=2048),
         "projection_dim": 16,
     },
 }

@@ -1,16 +1,24 @@
 """The deterministic test bundle: a CLIP-shaped pair of ONNX encoders with a
 planted behaviour, so the whole pipeline can be tested without real weights.
 
-Planted behaviour, through the project's own prompts and scoring: a frame that
-is mostly saturated red (R >= 200, G and B <= 40) embeds next to the
-`violence` prompts, any other frame next to the safe prompts. It is a test
-device for the pipeline, not a model.
+Planted behaviours (CONTRACT §1), through the project's own prompts and
+scoring: a frame that is mostly saturated red (R >= 200, G and B <= 40) embeds
+next to the `violence` prompts; one that is mostly saturated green (G >= 200,
+R and B <= 40) next to the `Sports` prompts and tags (and the safe scenes, so
+it moderates clean); any other frame next to the safe prompts, leaning a
+little towards `Film & TV` so that its categorization is a spread-out
+distribution with no `Sports` to speak of. It is a test device for the
+pipeline, not a model.
 
 How: the text encoder sums per-token vectors. Each word that occurs in the
-prompts of exactly one group (a category, or the safe set) points along that
-group's axis; shared words ("a", "photo") are zero. The visual encoder measures
-the fraction of saturated-red pixels and blends two fixed embeddings with a
-steep sigmoid around 50%.
+prompts (or, for a content category, the tags) of exactly one group (a
+moderation category, the safe set, a content category) points along that
+group's axis; every word also carries a fixed random component in the
+dimensions no group uses, so phrasings of one concept differ: an ensemble's
+mean is not unit length, and by a different amount per concept, as with a
+real CLIP (the bias tests/test_model_scoring.py catches needs this). The
+visual encoder measures the fractions of saturated-red and saturated-green
+pixels and blends three fixed embeddings with steep sigmoids around 50%.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.categories import MODERATION_CATEGORIES, SAFE_PROMPTS
+from ..analysis.tags import TAG_TEMPLATE, TAGS_BY_CATEGORY
+from ..analysis.taxonomy import TOPICS
 from .bundle import EncoderSpec, FileEntry, Manifest, TextEncoderSpec, TokenizerSpec, sha256_file, write_manifest
 
-EMBED_DIM = 32
+EMBED_DIM = 256
+WORD_NOISE = 0.6  # norm of each word's component off the group axes
 IMAGE_SIZE = 224
 CONTEXT = 77
 SUBSAMPLE = 4
@@ -32,8 +43,12 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def _groups() -> list[tuple[str, tuple[str, ...]]]:
+    """(group, its prompts) for every group with an axis; a content category's
+    prompts come first, then its tags as encoded (TAG_TEMPLATE)."""
     groups = [(c.name, c.prompts) for c in MODERATION_CATEGORIES]
     groups.append(("__safe__", SAFE_PROMPTS))
+    groups += [(t.name, t.prompts + tuple(TAG_TEMPLATE.format(tag) for tag in TAGS_BY_CATEGORY[t.name]))
+               for t in TOPICS]
     return groups
 
 
@@ -94,7 +109,7 @@ def _busy_work(layers: int) -> tuple[list, list]:
     return nodes, inits
 
 
-def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, path: Path,
+def _visual_model(red: np.ndarray, green: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, path: Path,
                   busy_layers: int = 0) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -108,7 +123,8 @@ def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, p
         const("mean", np.asarray(mean).reshape(1, 3, 1, 1)),
         const("r_lo", 200 / 255), const("gb_hi", 40 / 255), const("sharp", sharp),
         const("half", 0.5), const("majority_sharp", 200.0), const("one", 1.0),
-        const("red_embed", red.reshape(1, -1)), const("other_embed", other.reshape(1, -1)),
+        const("red_embed", red.reshape(1, -1)), const("green_embed", green.reshape(1, -1)),
+        const("other_embed", other.reshape(1, -1)),
         numpy_helper.from_array(np.array([0, 0], np.int64), "sub_starts"),
         numpy_helper.from_array(np.array([IMAGE_SIZE, IMAGE_SIZE], np.int64), "sub_ends"),
         numpy_helper.from_array(np.array([2, 3], np.int64), "sub_axes"),
@@ -123,6 +139,7 @@ def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, p
         n("Mul", ["px", "std"], ["xs"]),
         n("Add", ["xs", "mean"], ["rgb"]),  # back to 0..1 RGB
         n("Split", ["rgb"], ["R", "G", "B"], axis=1),
+        # saturated red: R high, G and B low
         n("Sub", ["R", "r_lo"], ["r_d"]), n("Mul", ["r_d", "sharp"], ["r_s"]), n("Sigmoid", ["r_s"], ["pr"]),
         n("Sub", ["gb_hi", "G"], ["g_d"]), n("Mul", ["g_d", "sharp"], ["g_s"]), n("Sigmoid", ["g_s"], ["pg"]),
         n("Sub", ["gb_hi", "B"], ["b_d"]), n("Mul", ["b_d", "sharp"], ["b_s"]), n("Sigmoid", ["b_s"], ["pb"]),
@@ -131,9 +148,19 @@ def _visual_model(red: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, p
         n("Reshape", ["frac4", "shape_n1"], ["frac"]),
         n("Sub", ["frac", "half"], ["f_d"]), n("Mul", ["f_d", "majority_sharp"], ["f_s"]),
         n("Sigmoid", ["f_s"], ["m"]),
-        n("Sub", ["one", "m"], ["not_m"]),
-        n("Mul", ["m", "red_embed"], ["e_red"]), n("Mul", ["not_m", "other_embed"], ["e_other"]),
-        n("Add", ["e_red", "e_other"], ["image_embeds" if not busy_layers else "embeds"]),
+        # saturated green: G high, R and B low (R and B low are pg's and pb's twins)
+        n("Sub", ["G", "r_lo"], ["G_d"]), n("Mul", ["G_d", "sharp"], ["G_s"]), n("Sigmoid", ["G_s"], ["qg"]),
+        n("Sub", ["gb_hi", "R"], ["R_d"]), n("Mul", ["R_d", "sharp"], ["R_s"]), n("Sigmoid", ["R_s"], ["qr"]),
+        n("Mul", ["qg", "qr"], ["qgr"]), n("Mul", ["qgr", "pb"], ["q"]),
+        n("ReduceMean", ["q"], ["gfrac4"], axes=[1, 2, 3], keepdims=1),
+        n("Reshape", ["gfrac4", "shape_n1"], ["gfrac"]),
+        n("Sub", ["gfrac", "half"], ["gf_d"]), n("Mul", ["gf_d", "majority_sharp"], ["gf_s"]),
+        n("Sigmoid", ["gf_s"], ["mg"]),
+        n("Sub", ["one", "m"], ["not_m0"]), n("Sub", ["not_m0", "mg"], ["not_m"]),
+        n("Mul", ["m", "red_embed"], ["e_red"]), n("Mul", ["mg", "green_embed"], ["e_green"]),
+        n("Mul", ["not_m", "other_embed"], ["e_other"]),
+        n("Add", ["e_red", "e_green"], ["e_rg"]),
+        n("Add", ["e_rg", "e_other"], ["image_embeds" if not busy_layers else "embeds"]),
     ]
     if busy_layers:
         busy_nodes, busy_inits = _busy_work(busy_layers)
@@ -168,21 +195,34 @@ def make_test_bundle(out_dir: Path, *, busy_layers: int = 0) -> Manifest:
         vocab[word] = len(vocab)
 
     table = np.zeros((len(vocab), EMBED_DIM), np.float32)
-    for word, groups_of_word in owners.items():
-        if len(groups_of_word) == 1:
-            table[vocab[word], axis[next(iter(groups_of_word))]] = 1.0
-    for name, prompts in groups:  # every prompt must carry its group's signal
+    rng = np.random.default_rng(11)
+    spare = EMBED_DIM - len(groups)  # the dimensions no group's axis uses
+    for word in sorted(owners):
+        noise = rng.standard_normal(spare).astype(np.float32)
+        table[vocab[word], len(groups):] = WORD_NOISE * noise / np.linalg.norm(noise)
+        if len(owners[word]) == 1:
+            table[vocab[word], axis[next(iter(owners[word]))]] = 1.0
+    # Every prompt must carry its group's signal (a tag need not: it then
+    # matches nothing in particular).
+    tag_prompts = {TAG_TEMPLATE.format(tag) for tags in TAGS_BY_CATEGORY.values() for tag in tags}
+    for name, prompts in groups:
         for prompt in prompts:
-            if not any(len(owners[w]) == 1 for w in _words(prompt)):
+            if prompt not in tag_prompts and not any(len(owners[w]) == 1 for w in _words(prompt)):
                 raise ValueError(f"test model: prompt {prompt!r} of {name} has no word unique to its group")
 
-    safe = np.zeros(EMBED_DIM, np.float32)
-    safe[axis["__safe__"]] = 1.0
-    violence = np.zeros(EMBED_DIM, np.float32)
-    violence[axis["violence"]] = 1.0
+    def unit(name: str) -> np.ndarray:
+        v = np.zeros(EMBED_DIM, np.float32)
+        v[axis[name]] = 1.0
+        return v
+
+    safe = unit("__safe__")
+    # Any other frame: the safe scenes, with a lean towards one content
+    # category, so its categorization is spread out and deterministic.
+    other = safe + 0.02 * unit("Film & TV")
     # A red frame leans towards the safe axis a little, so it scores ~0 for
     # every category but violence (instead of 1/(1+#safe) for unrelated ones).
-    red_embed = violence + 0.3 * safe
+    red_embed = unit("violence") + 0.3 * other
+    green_embed = unit("Sports") + 0.3 * safe
 
     manifest = Manifest(
         name="streamguard-test", description="deterministic CLIP-shaped test bundle (not a model)",
@@ -191,7 +231,7 @@ def make_test_bundle(out_dir: Path, *, busy_layers: int = 0) -> Manifest:
         text=TextEncoderSpec(file="textual.onnx", input="input_ids", output="text_embeds"),
         tokenizer=TokenizerSpec(file="tokenizer.json", context_length=CONTEXT, pad_id=vocab["<pad>"]),
     )
-    _visual_model(red_embed, safe, manifest.mean, manifest.std, out_dir / "visual.onnx", busy_layers)
+    _visual_model(red_embed, green_embed, other, manifest.mean, manifest.std, out_dir / "visual.onnx", busy_layers)
     _text_model(table, out_dir / "textual.onnx")
     _build_tokenizer(vocab, out_dir / "tokenizer.json")
     for name in ("visual.onnx", "textual.onnx", "tokenizer.json"):

@@ -27,11 +27,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import av
 
 from ..analysis.analyzer import Analyzer, TextTokenMeter
+from ..analysis.categorize import DEFAULT_TOP_K, CategoryEvidence, summarize_categorization
+from ..analysis.scoring import category_thresholds
 from ..errors import StreamGuardError
 from ..media.hls import LiveMedia, SourceRendition, codecs_attribute, segment_name, write_master, write_thumbnail
 from ..media.sampler import FrameSampler, SampledFrame, SamplerStats
@@ -49,6 +51,11 @@ class PipelineOptions:
     fps: int = 1
     threshold: float = 0.30
     moderate: bool = False
+    categorize: bool = False
+    top_k: int = DEFAULT_TOP_K  # categorization: the most categories listed
+    # Per moderation category, thresholds replacing `threshold` (the node's
+    # config map merged with the request's own).
+    thresholds: Mapping[str, float] = field(default_factory=dict)
     # Renditions to write (CONTRACT §5): "source" (a remux) and/or the presets
     # 360p..1080p (encoded from one decode of the input, media/ladder.py).
     renditions: tuple[str, ...] = ("source",)
@@ -56,9 +63,8 @@ class PipelineOptions:
 
     @property
     def analyze(self) -> bool:
-        """Whether frames go to the model at all (moderation is the only
-        analysis today; logos and categorization will join it)."""
-        return self.moderate
+        """Whether frames go to the model at all (logos will join these)."""
+        return self.moderate or self.categorize
 
 
 @dataclass
@@ -290,7 +296,10 @@ def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer:
 
 
 class RecordAssembler:
-    """Builds the per-segment record of CONTRACT §3 from a closed segment."""
+    """Builds the per-segment record of CONTRACT §3 from a closed segment.
+    `categories` adds up the categorization evidence of every segment built
+    so far: summarize_categorization(assembler.categories, top_k) is the whole
+    input's categorization (a job's summary)."""
 
     def __init__(self, task_id: str, opts: PipelineOptions, analyzer: Analyzer | None, media: MediaLocator) -> None:
         self.task_id = task_id
@@ -298,19 +307,29 @@ class RecordAssembler:
         self.analyzer = analyzer
         self.media = media
         self.text_tokens = TextTokenMeter()  # text encoded for this request alone
+        self.thresholds = category_thresholds(opts.threshold, opts.thresholds)
+        self.categories = CategoryEvidence.empty()
 
     async def build(self, closed: ClosedSegment) -> SegmentRecord:
         seg = closed.segment
         if closed.error:
             return status_record(self.task_id, STATUS_ERROR, closed.error)
-        moderation = None
+        moderation = categorization = None
         video_tokens = text_tokens = 0
-        if self.analyzer is not None and self.opts.moderate:
+        if self.analyzer is not None and self.opts.analyze:
             try:
-                moderation = await self.analyzer.moderate(closed.frames, self.opts.threshold)
+                embeddings = await self.analyzer.embeddings(closed.frames)
             except StreamGuardError as exc:
                 return status_record(self.task_id, STATUS_ERROR, f"segment {seg.index}: {exc.message}")
-            # CONTRACT §3: frames run through the image encoder; reused ones were not.
+            if self.opts.moderate:
+                moderation = self.analyzer.moderation(closed.frames, embeddings, self.thresholds)
+            if self.opts.categorize:
+                evidence = self.analyzer.category_evidence(embeddings)
+                self.categories += evidence
+                result = summarize_categorization(evidence, self.opts.top_k)
+                categorization = result.record() if result is not None else None
+            # CONTRACT §3: frames run through the image encoder (once, whatever
+            # analyses use them); reused ones were not.
             video_tokens = closed.frames_encoded * self.analyzer.tokens_per_image
             text_tokens = self.text_tokens.take()
         elapsed_ms = (time.monotonic() - closed.closed_at) * 1000
@@ -318,7 +337,7 @@ class RecordAssembler:
         data = SegmentData(
             segment_index=seg.index, start_time=fmt_time(seg.start), end_time=fmt_time(seg.end),
             video_url=self.media.segment_url(seg.index), content_moderation=moderation,
-            processing_time_ms=str(round(elapsed_ms)),
+            categorization=categorization, processing_time_ms=str(round(elapsed_ms)),
         )
         return SegmentRecord(task_id=self.task_id, data=RecordBody(
             status=STATUS_OK, message=f"segment processed ({note})" if note else "segment processed", data=data,

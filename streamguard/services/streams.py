@@ -124,13 +124,15 @@ def validate_stream_request(req: StreamRequest) -> None:
     if req.enable_logo_detection:
         raise FeatureUnavailable("logo detection is not available on this node yet",
                                  details={"field": "enable_logo_detection"})
-    if req.enable_categorization:
-        raise FeatureUnavailable("categorization is not available on this node yet",
-                                 details={"field": "enable_categorization"})
     unknown = [r for r in req.renditions if r not in RENDITIONS]
     if unknown:
         raise FeatureUnavailable(f"renditions {', '.join(unknown)} are not available on this node yet; "
                                  f"use [\"source\"]", details={"field": "renditions"})
+
+
+def needs_model(req: StreamRequest) -> bool:
+    """Whether the task analyses frames (moderation or categorization)."""
+    return req.enable_content_moderation or req.enable_categorization
 
 
 Event = tuple[str, str, bytes]  # (event name, event id, body)
@@ -243,7 +245,7 @@ class StreamService:
         dir, the pipeline) comes before the task and its `stream.started` event
         are stored; a failed start stores nothing and frees its slot."""
         validate_stream_request(req)
-        self.check_admission(req.enable_content_moderation)
+        self.check_admission(needs_model(req))
         self._admit()
         try:
             balance = await self.store(Store.balance, principal.key_id)
@@ -290,23 +292,26 @@ class StreamService:
 
     def check_admission(self, needs_model: bool) -> None:
         """503 for what this node cannot take now: disk below the floor, or
-        moderation without a loaded model."""
+        analysis (moderation, categorization) without a loaded model."""
         low = self.disk.reason()
         if low is not None:
             raise Unavailable(f"not accepting new tasks: {low}",
                               details={"reason": "low_disk", "free_bytes": self.disk.free_bytes(),
                                        "min_free_bytes": self.disk.min_free_bytes})
         if needs_model and self.analyzer is None:
-            raise Unavailable(f"moderation is unavailable on this node: {self.model_error}",
-                              details={"reason": "model_not_loaded"})
+            raise Unavailable(
+                f"moderation and categorization are unavailable on this node: {self.model_error}",
+                details={"reason": "model_not_loaded"})
 
     def _prepare(self, row: TaskRow, req: StreamRequest) -> PreparedTask:
         """The parts of a task that can fail before it runs (its media dir must be writable)."""
         loop = asyncio.get_running_loop()
         queue = SegmentQueue(loop)
-        analyzer = self.analyzer if req.enable_content_moderation else None
+        analyzer = self.analyzer if needs_model(req) else None
+        p = self.settings.pipeline
         opts = PipelineOptions(segment_seconds=req.segment_seconds, fps=req.fps, threshold=req.threshold,
-                               moderate=req.enable_content_moderation)
+                               moderate=req.enable_content_moderation, categorize=req.enable_categorization,
+                               top_k=p.categorization_top_k, thresholds={**p.thresholds, **(req.thresholds or {})})
         task_dir = self.media_root / row.id
         supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
 
@@ -577,7 +582,7 @@ class StreamService:
                 await self._store_end(row, row.next_seq, TaskEnd(
                     STATUS_CAPACITY, f"cannot resume: its stored settings are no longer valid: {exc}"))
                 continue
-            if req.enable_content_moderation and self.analyzer is None:
+            if needs_model(req) and self.analyzer is None:
                 # never run a moderation task unmoderated: it ends, saying why
                 await self._store_end(row, row.next_seq, TaskEnd(
                     STATUS_CAPACITY, f"node cannot moderate: {self.model_error}"))
