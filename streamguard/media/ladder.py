@@ -39,7 +39,6 @@ import av
 from av.video.frame import PictureType
 from av.video.reformatter import Interpolation, VideoReformatter
 
-from ..schemas import X264_PRESETS  # noqa: F401 (re-exported: the presets x264_preset may name)
 from .hls import HlsRendition, LiveMedia, avc_codec_from_annexb, segment_name
 from .segmenter import Segment
 

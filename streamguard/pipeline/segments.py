@@ -33,7 +33,6 @@ and logged once per segment.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from concurrent.futures import Future
