@@ -195,3 +195,36 @@ def test_live_task_writes_source_and_360p(tmp_path: Path, test_bundle: Path, rtm
             index = record["data"]["data"]["segment_index"]
             assert (task_dir / name / f"segment_{index:03d}.ts").is_file(), (name, index)
     assert "360p/playlist.m3u8" in (task_dir / "master.m3u8").read_text()
+
+
+def test_live_resume_continues_the_encoded_rungs(tmp_path: Path) -> None:
+    """A live task's pipeline rebuilt after a restart (next segment, continued
+    timeline) keeps its encoded rung's playlist and numbering, like the remux's."""
+    from streamguard.media.hls import LiveMedia
+    from streamguard.pipeline.segments import SegmentPipeline
+
+    video = make_video(tmp_path / "v.mp4", seconds=4, fps=FPS, width=320, height=240)
+    live = LiveMedia(window_seconds=600, max_age_seconds=3600)
+    opts = PipelineOptions(segment_seconds=SEG, renditions=("source", "360p"), x264_preset="ultrafast")
+    task = tmp_path / "task"
+    closed: list = []
+    pipe = SegmentPipeline(opts, task, None, closed.append, live=live)
+    for attempt in range(2):
+        source = MediaSource(str(video), SourceOptions(), timeline_start=pipe.timeline_end)
+        source.open()
+        try:
+            assert pipe.consume(source) is None
+        finally:
+            source.close()
+        if attempt == 0:  # the process died here: a new pipeline resumes at the next segment
+            pipe = SegmentPipeline(opts, task, None, closed.append, next_index=pipe.next_index,
+                                   timeline_start=pipe.timeline_end, live=live)
+    pipe.close()
+    assert [c.segment.index for c in closed] == [0, 1, 2, 3]
+    for name in ("source", "360p"):
+        listed = [line for line in (task / name / "playlist.m3u8").read_text().splitlines()
+                  if line.startswith("segment_")]
+        assert listed == [f"segment_{i:03d}.ts" for i in range(4)], (name, listed)
+        duration = float(ffprobe("-show_entries", "format=duration", task / name / "playlist.m3u8")
+                         ["format"]["duration"])
+        assert abs(duration - 8) < 0.2, (name, duration)

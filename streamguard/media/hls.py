@@ -6,6 +6,10 @@ per moderation segment, so HLS segments and moderation segments are the same
 cut. The media playlist is rewritten atomically after each segment, so a live
 player always sees a valid, growing playlist; `#EXT-X-ENDLIST` closes it.
 
+`HlsRendition` holds what every rendition shares (entries, live window,
+resume from its playlist, `playlist.m3u8`, master attributes); the encoded
+rungs (media/ladder.py) extend it like `SourceRendition` does.
+
 A live task that runs for weeks keeps a sliding window (`LiveMedia`): the
 playlist lists only the newest media, from a bounded deque, with
 `#EXT-X-MEDIA-SEQUENCE` and `#EXT-X-DISCONTINUITY-SEQUENCE` counting what slid
