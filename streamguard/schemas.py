@@ -4,6 +4,7 @@ OpenAPI document). Field names follow CONTRACT.md exactly."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
@@ -96,6 +97,11 @@ def status_record(task_id: str, status: int, message: str) -> SegmentRecord:
 
 
 encoder = msgspec.json.Encoder()
+
+
+def iso(ts: float | None) -> str | None:
+    """Wire form of a time: ISO 8601 UTC with a Z."""
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 # --- shared ranges and names: the one home of each (config, CLI and API import them)

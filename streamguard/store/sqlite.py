@@ -147,7 +147,7 @@ def _job(row: tuple) -> JobRow:
 
 
 # Builds a job's events from its row as just updated, inside the transaction that updated it.
-JobEvents = Callable[[JobRow], "list[OutboxItem]"]
+JobEvents = Callable[["Store", JobRow], "list[OutboxItem]"]
 
 
 class InsufficientBalance(Exception):
@@ -479,7 +479,7 @@ class Store:
             row = self.job(job_id)
             assert row is not None
             if row.attempts == 1:
-                self._enqueue(events(row))
+                self._enqueue(events(self, row))
             return row
 
     def append_job_record(self, job_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int,
@@ -525,7 +525,7 @@ class Store:
             self.set_task_state(job_id, "stopped", final_message=error_message or status.lower())
             row = self.job(job_id)
             assert row is not None
-            self._enqueue(events(row))
+            self._enqueue(events(self, row))
             return row
 
     # --- the delivery outbox ------------------------------------------------------
