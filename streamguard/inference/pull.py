@@ -28,7 +28,7 @@ import urllib.parse
 import urllib.request
 from email.message import Message
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, Protocol, TextIO
 
 import msgspec
 from msgspec import Meta
@@ -235,8 +235,14 @@ def _announced_size(hops: list[Message], final: Message) -> int:
     return 0
 
 
-def _resumed_at(resp: http.client.HTTPResponse, offset: int) -> tuple[bool, int]:
-    """(whether the body continues the .part at `offset`, the file's total size or 0)."""
+class _Reply(Protocol):
+    status: int
+    headers: Any  # a mapping with .get(): http.client's and aiohttp's headers both fit
+
+
+def resumed_at(resp: _Reply, offset: int) -> tuple[bool, int]:
+    """(whether the body continues a partial file at `offset`, the file's total size or 0).
+    Shared with streamguard.inputs.fetch."""
     if resp.status == 206:
         match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
         if match and int(match.group(1)) == offset:
@@ -324,7 +330,7 @@ def _fetch(name: str, entry: SourceFile, url: str, dest: Path, *,
         if _matches(final, expected, expected_size):  # already there (e.g. manifest was lost)
             part.unlink(missing_ok=True)
             return FileEntry(sha256=expected, size=final.stat().st_size, url=entry.url)
-        resumed, total = _resumed_at(resp, offset)
+        resumed, total = resumed_at(resp, offset)
         if not resumed:  # server ignored Range (200) or sent another range: from zero
             offset = 0
         total = total or expected_size
