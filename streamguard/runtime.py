@@ -87,6 +87,9 @@ class Runtime:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
         jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error)
+        swept = await jobs.sweep_work()
+        if swept:
+            log.warning("removed %d leftover job input folder(s) of ended jobs or interrupted uploads", swept)
         jobs.start()  # jobs a previous process left queued or running are picked up from the store
         runtime = cls(settings, store, analyzer, metrics, streams, delivery,
                       ProjectService(store, settings.delivery), DeliveryService(store, delivery), time.time(),

@@ -440,11 +440,21 @@ def test_list_pagination_and_status_filter(daemon: Daemon, files: FileServer):
 # --------------------------------------------------------------------------- durability
 
 
-def test_sigkill_mid_job_then_restart_completes_once(tmp_path: Path, test_bundle: Path, files: FileServer):
-    """The job was PROCESSING with some records stored when the daemon died; the
-    restarted daemon runs it again from the start and stores, charges and
-    delivers only the segments it did not have: records 0..n-1 once, one
-    completed event."""
+def _stored_job(d: Daemon, job_id: str):
+    store = Store(d.data_dir / "streamguard.db")
+    try:
+        return store.job(job_id)
+    finally:
+        store.close()
+
+
+def test_drain_and_sigkill_mid_job_then_restart_completes_once(tmp_path: Path, test_bundle: Path,
+                                                               files: FileServer):
+    """SIGTERM mid-job: the daemon exits 0 and the job stays PROCESSING; the
+    next daemon runs it again, and is SIGKILLed mid-job; the third runs it
+    again to the end. Each run starts from the start and stores, charges and
+    delivers only the segments not stored yet: records 0..n-1 once, one
+    started and one completed event."""
     video = make_video(tmp_path / "long.mp4", seconds=40, width=640, height=360, gop=25, red=((20, 22),))
     url = files.add("long.mp4", video)
     with Receiver() as rx:
@@ -455,13 +465,17 @@ def test_sigkill_mid_job_then_restart_completes_once(tmp_path: Path, test_bundle
             job = submit(d, key, {"inputUrl": url, "outputFormats": ["source"], "segmentSeconds": 1,
                                   "fps": 10, "moderate": True, "callbackUrl": rx.url("/crash")})
             d.wait_for(lambda: len(job_records(d, key, job["id"])) >= 2, 60, "a few records", interval=0.02)
+            assert d.terminate(timeout=30) == 0
+            drained = _stored_job(d, job["id"])
+            assert drained is not None and drained.status == "PROCESSING" and 2 <= drained.task.next_seq < 40
+            d.start()
+            d.wait_for(lambda: len(job_records(d, key, job["id"])) >= drained.task.next_seq + 2, 60,
+                       "more records", interval=0.02)
             d.kill()
         finally:
             d.kill()
-        stored = Store(d.data_dir / "streamguard.db")  # what the dead daemon left: mid-job
-        row = stored.job(job["id"])
-        stored.close()
-        assert row is not None and row.status == "PROCESSING" and 2 <= row.task.next_seq < 40, row
+        row = _stored_job(d, job["id"])  # what the killed daemon left: mid-job
+        assert row is not None and row.status == "PROCESSING" and drained.task.next_seq < row.task.next_seq < 40, row
         d.start()
         try:
             done = wait_status(d, key, job["id"], ENDED, timeout=90)

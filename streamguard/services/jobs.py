@@ -359,6 +359,18 @@ class JobService:
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="jobs")
 
+    async def sweep_work(self) -> int:
+        """At start: remove what ended jobs and interrupted uploads left under
+        the work root (a crash between receiving a file and storing its job)."""
+        queued = {row.id for row in await self.store(Store.runnable_jobs, [], 1_000_000)}
+
+        def sweep() -> int:
+            stale = [p for p in self.work_root.iterdir() if p.name not in queued] if self.work_root.is_dir() else []
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+            return len(stale)
+        return await asyncio.get_running_loop().run_in_executor(None, sweep)
+
     async def _dispatch_loop(self) -> None:
         while not self.draining:
             self._wake.clear()
@@ -499,17 +511,21 @@ class JobService:
         assembler = RecordAssembler(row.id, opts, analyzer,
                                     MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}",
                                                  rendition=rendition))
-        while (closed := await queue.get()) is not None:
-            self.metrics.frames_decoded.inc(closed.frames_decoded)
-            self.metrics.frames_sampled.inc(len(closed.frames))
-            self.metrics.frames_reused.inc(closed.frames_reused)
-            if running.stop or closed.segment.index < running.next_seq:
-                for _, fut in closed.frames:  # stored by an earlier run, or the job is ending
-                    fut.cancel()
-                continue
-            record = await assembler.build(closed)
-            if not running.stop:
-                await self._store_segment(running, closed, record, info.duration)
+        try:
+            while (closed := await queue.get()) is not None:
+                self.metrics.frames_decoded.inc(closed.frames_decoded)
+                self.metrics.frames_sampled.inc(len(closed.frames))
+                self.metrics.frames_reused.inc(closed.frames_reused)
+                if running.stop or closed.segment.index < running.next_seq:
+                    for _, fut in closed.frames:  # stored by an earlier run, or the job is ending
+                        fut.cancel()
+                    continue
+                record = await assembler.build(closed)
+                if not running.stop:
+                    await self._store_segment(running, closed, record, info.duration)
+        except BaseException:  # the store failed, or the run was cancelled: the ingest thread must end too
+            running.stop = StopMode.NOW
+            raise
         return await done
 
     async def _store_segment(self, running: RunningJob, closed: ClosedSegment, record: SegmentRecord,
