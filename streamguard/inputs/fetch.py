@@ -25,7 +25,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -38,10 +38,10 @@ from ..config import SourcesSettings
 from ..errors import AddressRefused, InputInvalid, InputUnreachable, PayloadTooLarge
 from ..inference.pull import resumed_at
 from ..media.probe import MAX_REDIRECTS, REDIRECTS
+from .writer import ChunkWriter
 
 USER_AGENT = "streamguard-fetch/1"
 IMAGE_MAX_BYTES = 20 * 1000 * 1000  # the standalone image limit (CONTRACT §2: 20 MB)
-WRITE_BUFFER = 1 << 20  # bytes gathered before one write to disk (in a thread)
 RETRY_AFTER_MAX = 30.0  # a server's Retry-After is honoured up to this
 
 
@@ -62,35 +62,6 @@ class _Sink(Protocol):
     async def write(self, chunk: bytes) -> None: ...
     async def flush(self) -> None: ...
     async def restart(self) -> None: ...
-
-
-class _FileSink:
-    """Buffered writes in a worker thread: a slow disk never stalls the event loop."""
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.size = 0
-        self._buf = bytearray()
-
-    async def write(self, chunk: bytes) -> None:
-        self._buf += chunk
-        self.size += len(chunk)
-        if len(self._buf) >= WRITE_BUFFER:
-            await self.flush()
-
-    async def flush(self) -> None:
-        if self._buf:
-            data, self._buf = bytes(self._buf), bytearray()
-            await asyncio.to_thread(self.fh.write, data)
-
-    async def restart(self) -> None:
-        self._buf.clear()
-        self.size = 0
-        await asyncio.to_thread(self._truncate)
-
-    def _truncate(self) -> None:
-        self.fh.seek(0)
-        self.fh.truncate()
 
 
 class _MemorySink:
@@ -351,7 +322,7 @@ async def download(url: str, dest: Path, *, sources: SourcesSettings, limits: Fe
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "w+b") as fh:
-            sink = _FileSink(fh)
+            sink = ChunkWriter(fh)
             await _fetch_into(url, sink, sources, limits, field)
         os.replace(tmp, dest)
     except BaseException:
