@@ -87,6 +87,18 @@ def _avc_codec_string(extradata: bytes | None) -> str | None:
     return None
 
 
+def avc_codec_from_annexb(data: bytes) -> str | None:
+    """avc1.PPCCLL from the first SPS of an Annex B access unit (what libx264
+    writes in-band for MPEG-TS, where it has no avcC extradata)."""
+    pos = data.find(b"\x00\x00\x01")
+    while 0 <= pos <= len(data) - 7:
+        nal = data[pos + 3]
+        if nal & 0x1F == 7:  # sequence parameter set: profile_idc, constraint flags, level_idc
+            return f"avc1.{data[pos + 4]:02x}{data[pos + 5]:02x}{data[pos + 6]:02x}"
+        pos = data.find(b"\x00\x00\x01", pos + 3)
+    return None
+
+
 def codecs_attribute(video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None) -> str | None:
     if video.codec_context.name != "h264":
         return None
@@ -100,10 +112,13 @@ def codecs_attribute(video: av.video.stream.VideoStream, audio: av.audio.stream.
     return None
 
 
-class SourceRendition:
-    """Remuxes the input's packets into per-segment MPEG-TS files."""
+class HlsRendition:
+    """One rendition folder: its segment files' playlist entries, the live
+    window over them, and `playlist.m3u8`. Subclasses write the files
+    (SourceRendition remuxes, ladder.EncodedRendition encodes) and call
+    `_segment_written` / `_segment_skipped` as each segment closes."""
 
-    name = "source"
+    name = ""
 
     def __init__(self, task_dir: Path, segment_seconds: int, next_index: int = 0,
                  live: LiveMedia | None = None) -> None:
@@ -117,20 +132,17 @@ class SourceRendition:
         self.media_sequence = 0  # sequence number of entries[0]
         self.discontinuity_sequence = 0  # discontinuities that slid out of the window
         self._listed_seconds = 0.0
+        self._listed_bytes = 0
         self._target = segment_seconds  # TARGETDURATION never shrinks during a playlist's life
         self._skipping = False  # the open segment is not written (disk below the floor)
-        self._out: av.container.OutputContainer | None = None
-        self._map: dict[int, av.stream.Stream] = {}
         self._next = next_index
         self._discontinuity = False
         self._independent = True
-        # per input stream index: (slot, time-base numerator x 90 kHz, denominator)
-        self._ts_scale: dict[int, tuple[int, int, int]] = {}
-        self._last_dts: list[int | None] = [None, None]  # per slot (video, audio), 90 kHz
-        self.repairs: dict[str, int] = {REPAIR_DTS: 0, REPAIR_PTS: 0, REPAIR_DROPPED: 0}
-        self.video_in: av.video.stream.VideoStream | None = None
-        self.audio_in: av.audio.stream.AudioStream | None = None
+        # Master playlist attributes (0 / None: not known, left out)
         self.width = self.height = 0
+        self.codecs: str | None = None
+        self.frame_rate: Fraction | None = None
+        self.nominal_bandwidth = 1_000_000  # BANDWIDTH until a segment is measured
         if next_index:
             self._load_entries(next_index)
 
@@ -180,6 +192,7 @@ class SourceRendition:
     def _append(self, entry: PlaylistEntry) -> None:
         self.entries.append(entry)
         self._listed_seconds += entry.duration
+        self._listed_bytes += entry.size
         self._target = max(self._target, math.ceil(entry.duration))
 
     def _slide(self, now: float) -> None:
@@ -192,22 +205,9 @@ class SourceRendition:
                                          or now - self.entries[0].closed_at > self.live.max_age_seconds):
             gone = self.entries.popleft()
             self._listed_seconds -= gone.duration
+            self._listed_bytes -= gone.size
             self.media_sequence += 1
             self.discontinuity_sequence += gone.discontinuity
-
-    def bind(self, video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None, *,
-             discontinuity: bool = False) -> None:
-        """Take packets from these input streams from now on (a new connection);
-        the next segment is marked as a discontinuity when the source changed."""
-        self.video_in, self.audio_in = video, audio
-        self.width, self.height = video.codec_context.width, video.codec_context.height
-        self._discontinuity = self._discontinuity or discontinuity
-        self._last_dts = [None, None]  # a new connection starts a new run of timestamps
-        self._ts_scale = {}
-        for slot, stream in enumerate((video, audio)):
-            if stream is not None:
-                tb = stream.time_base
-                self._ts_scale[stream.index] = (slot, tb.numerator * TS_HZ, tb.denominator)
 
     def mark_discontinuity(self) -> None:
         """The open segment follows a timestamp jump (encoder restart, spliced
@@ -218,6 +218,112 @@ class SourceRendition:
         """The open segment starts without a keyframe (a cut forced by the
         segment cap): it needs the one before it to decode."""
         self._independent = False
+
+    def _may_write(self) -> bool:
+        """Asked once per segment, when its first packet arrives."""
+        if self.live is None or self.live.may_write():
+            return True
+        self._skipping = True
+        return False
+
+    def _segment_written(self, segment: Segment, size: int) -> None:
+        """The open segment's file is complete: list it and rewrite the playlist."""
+        self._next = segment.index + 1
+        self._append(PlaylistEntry(segment.index, segment.duration, size,
+                                   self._discontinuity, time.time(), self._independent))
+        self._discontinuity = False
+        self._independent = True
+        self._slide(time.time())
+        self.write_playlist(ended=False)
+
+    def _segment_skipped(self, segment: Segment) -> None:
+        """The segment was not written (disk below the floor): the next
+        written one follows a gap."""
+        self._skipping = False
+        self._next = segment.index + 1
+        self._discontinuity = True
+
+    @property
+    def has_playlist(self) -> bool:
+        return (self.dir / "playlist.m3u8").exists()
+
+    def peak_bandwidth(self) -> int:
+        """Peak segment bit rate over the listed segments (0: none measured).
+        A short last segment (a cut at the end) is not a peak of the stream."""
+        full = [e for e in self.entries if e.duration >= self.segment_seconds / 2] or list(self.entries)
+        rates = [e.size * 8 / e.duration for e in full if e.duration > 0]
+        return math.ceil(max(rates)) if rates else 0
+
+    def average_bandwidth(self) -> int:
+        return math.ceil(self._listed_bytes * 8 / self._listed_seconds) if self._listed_seconds > 0 else 0
+
+    def variant_attributes(self) -> list[str]:
+        """EXT-X-STREAM-INF attributes: measured rates once a segment is
+        listed (the nominal one before); what is not known is left out."""
+        peak = self.peak_bandwidth()
+        attrs = [f"BANDWIDTH={peak or self.nominal_bandwidth}"]
+        if peak:
+            attrs.append(f"AVERAGE-BANDWIDTH={min(peak, self.average_bandwidth())}")
+        if self.width > 0 and self.height > 0:
+            attrs.append(f"RESOLUTION={self.width}x{self.height}")
+        if self.codecs:
+            attrs.append(f'CODECS="{self.codecs}"')
+        if self.frame_rate:
+            attrs.append(f"FRAME-RATE={float(self.frame_rate):.3f}")
+        return attrs
+
+
+    def write_playlist(self, *, ended: bool) -> None:
+        lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{self._target}",
+                 f"#EXT-X-MEDIA-SEQUENCE:{self.media_sequence}"]
+        if self.live is None:
+            lines.append("#EXT-X-PLAYLIST-TYPE:EVENT")  # only ever appended to
+        else:  # a sliding window (no PLAYLIST-TYPE: EVENT forbids removing segments)
+            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{self.discontinuity_sequence}")
+        if all(e.independent for e in self.entries):
+            lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
+        for e in self.entries:
+            if e.discontinuity:
+                lines.append("#EXT-X-DISCONTINUITY")
+            lines += [f"#EXTINF:{e.duration:.3f},", segment_name(e.index)]
+        if ended:
+            lines.append("#EXT-X-ENDLIST")
+        atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
+
+
+
+class SourceRendition(HlsRendition):
+    """Remuxes the input's packets into per-segment MPEG-TS files."""
+
+    name = "source"
+
+    def __init__(self, task_dir: Path, segment_seconds: int, next_index: int = 0,
+                 live: LiveMedia | None = None) -> None:
+        super().__init__(task_dir, segment_seconds, next_index, live)
+        self._out: av.container.OutputContainer | None = None
+        self._map: dict[int, av.stream.Stream] = {}
+        # per input stream index: (slot, time-base numerator x 90 kHz, denominator)
+        self._ts_scale: dict[int, tuple[int, int, int]] = {}
+        self._last_dts: list[int | None] = [None, None]  # per slot (video, audio), 90 kHz
+        self.repairs: dict[str, int] = {REPAIR_DTS: 0, REPAIR_PTS: 0, REPAIR_DROPPED: 0}
+        self.video_in: av.video.stream.VideoStream | None = None
+        self.audio_in: av.audio.stream.AudioStream | None = None
+
+    def bind(self, video: av.video.stream.VideoStream, audio: av.audio.stream.AudioStream | None, *,
+             discontinuity: bool = False) -> None:
+        """Take packets from these input streams from now on (a new connection);
+        the next segment is marked as a discontinuity when the source changed."""
+        self.video_in, self.audio_in = video, audio
+        self.width, self.height = video.codec_context.width, video.codec_context.height
+        self.codecs = codecs_attribute(video, audio)
+        self.frame_rate = video.average_rate or video.guessed_rate
+        self._discontinuity = self._discontinuity or discontinuity
+        self._last_dts = [None, None]  # a new connection starts a new run of timestamps
+        self._ts_scale = {}
+        for slot, stream in enumerate((video, audio)):
+            if stream is not None:
+                tb = stream.time_base
+                self._ts_scale[stream.index] = (slot, tb.numerator * TS_HZ, tb.denominator)
 
     def _open_segment(self) -> None:
         self._out = av.open(str(self.dir / segment_name(self._next)), mode="w", format="mpegts")
@@ -280,31 +386,15 @@ class SourceRendition:
             packet.duration = (2 * duration * num + den) // (2 * den)
         return dts90
 
-    def _may_write(self) -> bool:
-        """Asked once per segment, when its first packet arrives."""
-        if self.live is None or self.live.may_write():
-            return True
-        self._skipping = True
-        return False
-
     def close_segment(self, segment: Segment) -> None:
         if self._skipping:  # not written: the next written segment follows a gap
-            self._skipping = False
-            self._next = segment.index + 1
-            self._discontinuity = True
+            self._segment_skipped(segment)
             return
         if self._out is None:
             return
         self._out.close()
         self._out = None
-        self._next = segment.index + 1
-        path = self.dir / segment_name(segment.index)
-        self._append(PlaylistEntry(segment.index, segment.duration, path.stat().st_size,
-                                   self._discontinuity, time.time(), self._independent))
-        self._discontinuity = False
-        self._independent = True
-        self._slide(time.time())
-        self.write_playlist(ended=False)
+        self._segment_written(segment, (self.dir / segment_name(segment.index)).stat().st_size)
 
     def abort(self) -> None:
         if self._out is not None:
@@ -314,55 +404,29 @@ class SourceRendition:
                 pass
             self._out = None
 
-    def peak_bandwidth(self) -> int:
-        rates = [e.size * 8 / e.duration for e in self.entries if e.duration > 0]
-        return int(max(rates)) if rates else 0
 
-    def write_playlist(self, *, ended: bool) -> None:
-        lines = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{self._target}",
-                 f"#EXT-X-MEDIA-SEQUENCE:{self.media_sequence}"]
-        if self.live is None:
-            lines.append("#EXT-X-PLAYLIST-TYPE:EVENT")  # only ever appended to
-        else:  # a sliding window (no PLAYLIST-TYPE: EVENT forbids removing segments)
-            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{self.discontinuity_sequence}")
-        if all(e.independent for e in self.entries):
-            lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
-        for e in self.entries:
-            if e.discontinuity:
-                lines.append("#EXT-X-DISCONTINUITY")
-            lines += [f"#EXTINF:{e.duration:.3f},", segment_name(e.index)]
-        if ended:
-            lines.append("#EXT-X-ENDLIST")
-        atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
-
-
-def master_playlist(renditions: list[SourceRendition], codecs: str | None) -> str | None:
+def master_playlist(renditions: list[HlsRendition]) -> str | None:
     """The master playlist over the renditions that have a playlist to point
-    at; None while none has (a task that never got video gets no master).
-    Attributes not known (no dimensions from the source) are left out, never
-    guessed."""
-    ready = [r for r in renditions if (r.dir / "playlist.m3u8").exists()]
+    at, lowest bandwidth first; None while none has (a task that never got
+    video gets no master). Attributes not known (no dimensions from the
+    source) are left out, never guessed."""
+    ready = [r for r in renditions if r.has_playlist]
     if not ready:
         return None
     lines = ["#EXTM3U", "#EXT-X-VERSION:3"]
     if all(e.independent for r in ready for e in r.entries):
         lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
-    for r in ready:
-        bandwidth = r.peak_bandwidth() or 1_000_000  # estimate until a segment is measured
-        attrs = [f"BANDWIDTH={bandwidth}"]
-        if r.width > 0 and r.height > 0:
-            attrs.append(f"RESOLUTION={r.width}x{r.height}")
-        if codecs:
-            attrs.append(f'CODECS="{codecs}"')
-        lines += [f"#EXT-X-STREAM-INF:{','.join(attrs)}", f"{r.name}/playlist.m3u8"]
+    variants = sorted(((r.variant_attributes(), r.name) for r in ready),
+                      key=lambda v: int(v[0][0].split("=")[1]))
+    for attrs, name in variants:
+        lines += [f"#EXT-X-STREAM-INF:{','.join(attrs)}", f"{name}/playlist.m3u8"]
     return "\n".join(lines) + "\n"
 
 
-def write_master(task_dir: Path, renditions: list[SourceRendition], codecs: str | None,
-                 written: str | None = None) -> str | None:
+def write_master(task_dir: Path, renditions: list[HlsRendition], written: str | None = None) -> str | None:
     """Write `master.m3u8` when there is one and it differs from `written`
     (what the caller wrote last); returns what is on disk now."""
-    text = master_playlist(renditions, codecs)
+    text = master_playlist(renditions)
     if text is not None and text != written:
         atomic_write(task_dir / "master.m3u8", text)
     return text or written

@@ -16,6 +16,9 @@ Without fps (no analysis) the sampler still decodes the first frame of each
 segment that starts at a keyframe, which is what tells a segment with
 decodable video from one without.
 
+With the encoded ladder the pipeline decodes every frame itself and hands
+them over (`take`): no second decoder.
+
 Sampled frames are centre-cropped and scaled to the model's input in swscale
 (see scaler.py): CLIP's reference preprocessing.
 """
@@ -98,6 +101,14 @@ class FrameSampler:
         self._pending.append(packet)
         if packet.pts >= self._target_ticks or self._active():
             self._feed_pending()
+
+    def take(self, frame: av.VideoFrame) -> None:
+        """Frame-fed path: a frame the caller decoded (the encoded ladder
+        decodes every frame once for all its consumers), in presentation
+        order. Sampled exactly as a frame this sampler decoded itself; call
+        `end_segment()` before the first frame of each new segment."""
+        self.stats.frames_decoded += 1
+        self._on_frame(frame)
 
     def holds(self, packet: av.Packet) -> bool:
         """Whether `packet` waits undecoded here (so others must not consume it)."""
