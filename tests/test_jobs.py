@@ -207,14 +207,22 @@ def test_job_by_url_records_summary_media_and_signed_events(daemon: Daemon, hook
 
 def test_upload_runs_like_a_url_job(daemon: Daemon, red_video: Path):
     key, _ = project(daemon, "jobs-upload")
-    reply = upload(daemon, key, {"outputFormats": '["source"]', "hlsTime": "10", "moderate": "true",
-                                 "metadata": '{"via": "upload"}'}, "clip.bin", red_video.read_bytes())
+    reply = upload(daemon, key, {"outputFormats": '["360p", "720p"]', "ffmpegPreset": "ultrafast", "hlsTime": "10",
+                                 "moderate": "true", "metadata": '{"via": "upload"}'}, "clip.bin",
+                   red_video.read_bytes())
     assert reply.status == 201, reply.body
     job = reply.data
     assert job["status"] == "PENDING" and job["inputUrl"] is None and job["metadata"] == {"via": "upload"}
+    assert job["outputFormats"] == ["360p", "720p"]  # asked for
     done = wait_status(daemon, key, job["id"], ENDED)
     assert done["status"] == "COMPLETED", done
     assert done["segmentsCount"] == 3 and done["moderation"]["safe"] is False  # hlsTime 10: 3 segments
+    # a 320x240 input fills neither box: 720p is not produced, 360p is, at the source's size (never upscaled)
+    assert done["outputFormats"] == ["360p"] and list(done["renditionUrls"]) == ["360p"]
+    records = job_records(daemon, key, job["id"])
+    assert all("/360p/segment_" in r["data"]["data"]["video_url"] for r in records)
+    for url in [done["outputUrl"], done["renditionUrls"]["360p"]] + [r["data"]["data"]["video_url"] for r in records]:
+        assert daemon.call("GET", urllib.parse.urlsplit(url).path).status == 200, url
     assert not files_under(daemon.data_dir / "jobs" / job["id"])  # the upload is gone once the job ended
 
 
@@ -272,32 +280,36 @@ def test_non_video_upload_is_400_and_leaves_nothing(daemon: Daemon):
     assert daemon.call("GET", "/v1/jobs", key=key).data["total"] == 0
 
 
-def _streamed_upload(base: str, key: str, file_bytes: int) -> tuple[int, dict, int]:
+def _streamed_upload(base: str, key: str, file_bytes: int, *, chunked: bool) -> tuple[int, dict, int]:
     """POST a multipart body whose `video` part is `file_bytes` zero bytes,
-    generated while it is sent; (status, reply JSON, bytes sent). A reader
-    thread takes the reply as soon as it comes (the daemon answers 413 before
-    the body ends)."""
+    generated while it is sent (chunked: no Content-Length, so the daemon
+    must count); (status, reply JSON, file bytes sent). A reader thread takes
+    the reply as soon as it comes (the daemon answers before the body ends)."""
     boundary = "sgbig" + os.urandom(6).hex()
     head = (f'--{boundary}\r\nContent-Disposition: form-data; name="video"; filename="big.mp4"\r\n'
             f'Content-Type: video/mp4\r\n\r\n').encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     host, port = urllib.parse.urlsplit(base).hostname, urllib.parse.urlsplit(base).port
+    framing = ("Transfer-Encoding: chunked" if chunked
+               else f"Content-Length: {len(head) + file_bytes + len(tail)}")
     sock = socket.create_connection((host, port), timeout=60)
+
+    def send(data: bytes) -> None:
+        sock.sendall(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+
     sock.sendall((f"POST /v1/jobs/upload HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                  f"Content-Length: {len(head) + file_bytes + len(tail)}\r\n\r\n").encode() + head)
+                  f"Content-Type: multipart/form-data; boundary={boundary}\r\n{framing}\r\n\r\n").encode())
     reply = bytearray()
 
     def read() -> None:
         try:
             while chunk := sock.recv(65536):
                 reply.extend(chunk)
-                if b"\r\n\r\n" in reply:
-                    headers, _, body = bytes(reply).partition(b"\r\n\r\n")
-                    length = [int(h.split(b":")[1]) for h in headers.split(b"\r\n")
-                              if h.lower().startswith(b"content-length:")]
-                    if length and len(body) >= length[0]:
-                        return
+                headers, _, body = bytes(reply).partition(b"\r\n\r\n")
+                length = [int(h.split(b":")[1]) for h in headers.split(b"\r\n")
+                          if h.lower().startswith(b"content-length:")]
+                if length and len(body) >= length[0]:
+                    return
         except OSError:
             pass
 
@@ -305,17 +317,21 @@ def _streamed_upload(base: str, key: str, file_bytes: int) -> tuple[int, dict, i
     reader.start()
     chunk, sent = bytes(1 << 20), 0
     try:
+        send(head)
         while sent < file_bytes and reader.is_alive():
             n = min(len(chunk), file_bytes - sent)
-            sock.sendall(chunk[:n])
+            send(chunk[:n])
             sent += n
         if sent == file_bytes:
-            sock.sendall(tail)
+            send(tail)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
     except OSError:  # the daemon answered and closed while we were still sending: expected
         pass
     reader.join(30)
     sock.close()
     headers, _, body = bytes(reply).partition(b"\r\n\r\n")
+    assert headers, "no reply"
     return int(headers.split()[1]), json.loads(body), sent
 
 
@@ -333,12 +349,16 @@ def test_upload_over_2gib_is_413_without_memory_growth_or_leftovers(daemon: Daem
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        status, body, sent = _streamed_upload(daemon.base, key, (2 << 30) + 1)
+        status, body, sent = _streamed_upload(daemon.base, key, (2 << 30) + 1, chunked=True)
     finally:
         stop.set()
         watcher.join(5)
     assert status == 413 and body["error"]["code"] == "STREAMGUARD_PAYLOAD_TOO_LARGE", body
-    assert sent <= (2 << 30) + 1
+    assert sent > 2 << 30  # refused once past the limit, not before: the daemon counted what it received
+    # a declared Content-Length over the limit is refused before the body is read
+    status, body, sent = _streamed_upload(daemon.base, key, (2 << 30) + 1, chunked=False)
+    assert status == 413 and body["error"]["code"] == "STREAMGUARD_PAYLOAD_TOO_LARGE", body
+    assert sent < 2 << 30
     assert peak[0] - before < 64 * 1024, f"RSS grew from {before} KiB to {peak[0]} KiB"
     daemon.wait_for(lambda: not files_under(daemon.data_dir / "jobs"), 10, "the partial upload to be removed")
     assert daemon.call("GET", "/v1/jobs", key=key).data["total"] == 0

@@ -58,10 +58,6 @@ T = TypeVar("T")
 # The dispatcher also looks at the queue this often when nothing woke it
 # (another process on the same store, a job whose run ended abnormally).
 DISPATCH_INTERVAL = 5.0
-# Preset box sizes (CONTRACT §5): a rung is produced only when the input does
-# not fit inside its box already (never upscaled).
-PRESET_BOXES = {"360p": (640, 360), "480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
-
 # errorCode of a FAILED job.
 DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
 INPUT_INVALID = "INPUT_INVALID"
@@ -101,17 +97,6 @@ def job_params(opts: JobOptions) -> dict[str, Any]:
     params.pop("inputUrl", None)
     params["segmentSeconds"] = opts.segment_seconds
     return params
-
-
-def record_rendition(requested: list[str], width: int, height: int) -> str:
-    """The rendition records' video_url points into: the source when asked
-    for, else the largest requested preset the input fills (the smallest one
-    when it fills none)."""
-    if "source" in requested:
-        return "source"
-    presets = sorted((r for r in requested if r in PRESET_BOXES), key=lambda r: PRESET_BOXES[r][1])
-    filled = [r for r in presets if min(PRESET_BOXES[r][0] / width, PRESET_BOXES[r][1] / height) < 1]
-    return (filled or presets)[-1 if filled else 0]
 
 
 # --- the job object and its events ------------------------------------------------------------------
@@ -507,10 +492,9 @@ class JobService:
                 queue.close()
 
         done = _in_thread(run, f"ingest-{row.id}")
-        rendition = record_rendition(list(opts.renditions), info.width, info.height)
+        # (each closed segment names the rendition its record points into: the ladder knows what it wrote)
         assembler = RecordAssembler(row.id, opts, analyzer,
-                                    MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}",
-                                                 rendition=rendition))
+                                    MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}"))
         try:
             while (closed := await queue.get()) is not None:
                 self.metrics.frames_decoded.inc(closed.frames_decoded)
