@@ -98,6 +98,20 @@ async def test_5xx_after_three_retries_is_unreachable(files: FileServer, tmp_pat
     assert _leftovers(tmp_path) == []
 
 
+async def test_429_and_408_are_retried_other_4xx_are_not(files: FileServer, tmp_path: Path) -> None:
+    for code, tries in ((429, 4), (408, 4), (403, 1), (410, 1)):
+        before = files.hits
+        with pytest.raises(InputUnreachable):
+            await download(files.url(f"/status/{code}"), tmp_path / "x", sources=ALLOWED, limits=FAST)
+        assert files.hits - before == tries, code
+
+
+async def test_a_redirect_to_another_scheme_is_not_followed(files: FileServer, tmp_path: Path) -> None:
+    with pytest.raises(InputUnreachable, match=r"^inputUrl \(redirect 1\) is not an http\(s\) URL$"):
+        await download(files.url(f"/to?url={quote('file:///etc/passwd')}"), tmp_path / "x", sources=ALLOWED,
+                       limits=FAST)
+
+
 async def test_connection_refused_is_retried_then_unreachable(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -128,6 +142,23 @@ async def test_size_limit_up_front_and_while_streaming(files: FileServer, tmp_pa
             await download(files.url(path), tmp_path / "x", sources=ALLOWED, limits=FAST)
         assert info.value.http_status == 413 and info.value.details["limit"] == FAST.max_bytes
         assert _leftovers(tmp_path) == []
+
+
+async def test_a_large_download_streams_with_bounded_memory(files: FileServer, tmp_path: Path) -> None:
+    size = 100 << 20
+    baseline, peak, stop = _rss_kib(), [0], asyncio.Event()
+    watcher = asyncio.create_task(_watch_rss(stop, peak))
+    began = time.monotonic()
+    try:
+        n = await download(files.url(f"/big?size={size}"), tmp_path / "big.bin", sources=ALLOWED,
+                           limits=FetchLimits(max_bytes=size, timeout=30))
+    finally:
+        stop.set()
+        await watcher
+    print(f"{size >> 20} MiB downloaded in {time.monotonic() - began:.2f} s, "
+          f"peak RSS +{peak[0] - baseline} KiB")
+    assert n == size == (tmp_path / "big.bin").stat().st_size
+    assert peak[0] - baseline < 32 << 10
 
 
 async def test_one_time_limit_for_the_whole_fetch(files: FileServer, tmp_path: Path) -> None:
@@ -187,7 +218,10 @@ async def test_allow_private_allows_every_hop(files: FileServer, refused_host: F
     assert dest.read_bytes() == DATA
 
 
+@pytest.mark.parametrize("name, asked_as", [("rebind.test", "rebind.test"),
+                                            ("bücher.test", "xn--bcher-kva.test")])  # an IDN: asked as sent
 async def test_names_are_resolved_once_and_connected_to_as_judged(files: FileServer, tmp_path: Path,
+                                                                   name: str, asked_as: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """DNS rebinding: a name that answers an allowed address when judged and a
     refused one a moment later. The client connects where the check looked."""
@@ -203,9 +237,9 @@ async def test_names_are_resolved_once_and_connected_to_as_judged(files: FileSer
     monkeypatch.setattr(fetch_module, "ThreadedResolver", Rebinding)
     dest = tmp_path / "in.bin"
     # Nothing listens on 127.0.0.2 at this port: a second lookup would make the fetch fail.
-    url = f"http://rebind.test:{files.port}/files/data.bin"
+    url = f"http://{name}:{files.port}/files/data.bin"
     assert await download(url, dest, sources=ALLOWED, limits=FAST) == len(DATA)
-    assert asked == ["rebind.test"]
+    assert asked == [asked_as]
 
 
 async def test_an_unresolvable_name_is_unreachable(tmp_path: Path) -> None:

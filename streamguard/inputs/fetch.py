@@ -129,17 +129,25 @@ class _Retry(Exception):
         self.wait = wait
 
 
+def _pin_key(url: URL) -> str | None:
+    """The host as the HTTP client will ask the resolver for it (IDNA-encoded)."""
+    try:
+        return url.raw_host
+    except (ValueError, UnicodeError):
+        return None
+
+
 async def _admit(fetch: _Fetch, url: str, hop: int) -> None:
     """Resolve `url`'s host once, refuse it (422) unless every address is
     permitted, and pin what was judged for the connection."""
-    parts = urlsplit(url)
-    host = parts.hostname
     name = fetch.hop_name(hop)
-    if parts.scheme not in ("http", "https") or not host:
+    parsed = URL(url)
+    host = _pin_key(parsed)
+    if parsed.scheme not in ("http", "https") or not host:
         if hop == 0:
             raise InputInvalid(f"{fetch.field} must be an http:// or https:// URL", details={"field": fetch.field})
-        raise fetch.unreachable(f"{name} points to {URL(url).with_query(None)!s}, which is not an http(s) URL",
-                                hop=hop)
+        raise fetch.unreachable(f"{name} is not an http(s) URL", hop=hop)
+    shown = parsed.host or host  # as the user wrote it (an IDN in Unicode)
     literal = parse_address(host)
     if literal is not None:
         addresses = [str(literal)]  # the HTTP client connects to a literal without asking the resolver
@@ -148,14 +156,14 @@ async def _admit(fetch: _Fetch, url: str, hop: int) -> None:
             infos = await ThreadedResolver().resolve(host, 0, socket.AF_UNSPEC)
         except (OSError, UnicodeError) as exc:
             if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN:
-                raise _Retry(f"{name} host {host} cannot be resolved (temporary DNS failure)") from None
-            raise fetch.unreachable(f"{name} host {host} cannot be resolved", host=host, hop=hop) from None
+                raise _Retry(f"{name} host {shown} cannot be resolved (temporary DNS failure)") from None
+            raise fetch.unreachable(f"{name} host {shown} cannot be resolved", host=shown, hop=hop) from None
         fetch.resolver.pinned[host] = infos
         addresses = [info["host"] for info in infos]
     refused = fetch.policy.first_refused(addresses)
     if refused is not None:
-        raise AddressRefused(fetch.policy.refusal(name, host, refused), details={
-            "field": fetch.field, "hop": hop, "host": host, "address": str(refused),
+        raise AddressRefused(fetch.policy.refusal(name, shown, refused), details={
+            "field": fetch.field, "hop": hop, "host": shown, "address": str(refused),
             "setting": f"{fetch.policy.section}.allow_private"})
 
 
@@ -184,8 +192,11 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 async def _receive(fetch: _Fetch, resp: aiohttp.ClientResponse, sink: _Sink) -> None:
     status = resp.status
     offset = sink.size
-    if status == 416 and offset and fetch.total == offset:
-        return  # everything had arrived before the connection broke
+    if status == 416 and offset:
+        if fetch.total == offset:
+            return  # everything had arrived before the connection broke
+        await sink.restart()  # what we hold is not a prefix of what is there now
+        raise _Retry("the server refused to resume the download")
     if status in (408, 429) or status >= 500:
         raise _Retry(f"HTTP {status} {resp.reason or ''}".strip(), _retry_after(resp))
     if not 200 <= status < 300:
@@ -227,7 +238,10 @@ async def _attempt(fetch: _Fetch, session: aiohttp.ClientSession, sink: _Sink) -
         async with session.get(url, headers=headers, allow_redirects=False) as resp:
             location = resp.headers.get("Location")
             if resp.status in REDIRECTS and location:
-                url = str(URL(url).join(URL(location)))
+                try:
+                    url = str(URL(url).join(URL(location)))
+                except (ValueError, UnicodeError):
+                    raise fetch.unreachable(f"{fetch.hop_name(hop)} redirects to an invalid URL", hop=hop) from None
                 continue
             await _receive(fetch, resp, sink)
             return

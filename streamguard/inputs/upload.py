@@ -107,7 +107,7 @@ async def _save(part: BodyPartReader, dest_dir: Path, index: int, max_bytes: int
             writer = ChunkWriter(fh)
             while chunk := await part.read_chunk(CHUNK):
                 if writer.size + len(chunk) > max_bytes:
-                    raise _too_large(f"the file in {file_field}", max_bytes, file_field)
+                    raise _too_large(f"the file in field {file_field!r}", max_bytes, file_field)
                 await writer.write(chunk)
             await writer.flush()
     except BaseException:
