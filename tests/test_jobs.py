@@ -143,6 +143,8 @@ def files_under(path: Path) -> list[Path]:
 
 def test_job_by_url_records_summary_media_and_signed_events(daemon: Daemon, hook: Receiver, red_url: str):
     key, secret = project(daemon, "jobs-happy")
+    webhook = {"url": hook.url("/happy-project"), "events": ["video.conversion.started", "video.conversion.completed"]}
+    assert daemon.call("PUT", "/v1/project/webhook", webhook, key=key).status == 200
     job = submit(daemon, key, {"inputUrl": red_url, "outputFormats": ["source"], "segmentSeconds": SEG,
                                "moderate": True, "metadata": {"userId": "u_42"},
                                "callbackUrl": hook.url("/happy")})
@@ -203,6 +205,11 @@ def test_job_by_url_records_summary_media_and_signed_events(daemon: Daemon, hook
     assert started["data"]["status"] == "PROCESSING" and started["data"]["startedAt"]
     assert completed["data"] == {**done, "jobId": job["id"]}
     assert [b["data"]["data"]["segment_index"] for _, b in got[1:-1]] == list(range(6))
+    # the project webhook gets the events it subscribed to, the same ones
+    hook.wait_for(lambda: len(events_at(hook, "/happy-project")) >= 2, 20, "the webhook's events")
+    project_events = hook.verified(secret, events_at(hook, "/happy-project"))
+    assert [(h["webhook-id"], b) for h, b in project_events] == [(got[0][0]["webhook-id"], started),
+                                                                 (got[-1][0]["webhook-id"], completed)]
 
 
 def test_upload_runs_like_a_url_job(daemon: Daemon, red_video: Path):
