@@ -428,7 +428,9 @@ def test_cancel_pending_is_204_processing_is_409(daemon: Daemon, files: FileServ
     assert reply.status == 409 and reply.error["code"] == "STREAMGUARD_CONFLICT", reply.body
     assert reply.error["details"]["status"] == "PROCESSING"
     assert daemon.call("DELETE", f"/v1/jobs/{queued['id']}", key=key).status == 409  # CANCELLED stays so
-    assert wait_status(daemon, key, slow["id"], ENDED)["status"] == "COMPLETED"
+    done = wait_status(daemon, key, slow["id"], ENDED)
+    assert done["status"] == "COMPLETED", done
+    assert done["moderation"] is None and done["tokens"]["total"] == 0  # moderate defaults to false
     assert get_job(daemon, key, queued["id"])["status"] == "CANCELLED"  # never ran
     assert job_records(daemon, key, queued["id"]) == []
 
@@ -522,3 +524,35 @@ def test_drain_and_sigkill_mid_job_then_restart_completes_once(tmp_path: Path, t
             assert done["tokens"]["total"] == sum(r["data"]["token"]["total"] for r in records)
         finally:
             d.kill()
+
+
+# --------------------------------------------------------------------------- the summary, unit
+
+
+def _record(index: int, frames: int, flagged: list[tuple[int, float, float]], processing_ms: int = 10) -> bytes:
+    """A stored record with `frames` sampled frames; flagged: (frame_index, time, violence confidence)."""
+    scores = {"violence": max([c for _, _, c in flagged], default=0.01), "weapons": 0.02 * index}
+    violation = lambda c: {"category": "violence", "confidence": c, "severity": "high"}  # noqa: E731
+    return json.dumps({"task_id": "job_x", "data": {"status": 0, "message": "segment processed", "data": {
+        "segment_index": index, "start_time": f"{index * 2}.000", "end_time": f"{index * 2 + 2}.000",
+        "video_url": "u", "processing_time_ms": str(processing_ms), "content_moderation": {
+            "has_unsafe_content": bool(flagged), "frames_processed": frames, "scores": scores,
+            "violations": [violation(max(c for _, _, c in flagged))] if flagged else [],
+            "flagged_frames": [{"frame_index": i, "time": f"{t:.3f}", "violations": [violation(c)]}
+                               for i, t, c in flagged]}},
+        "token": {"input": 0, "output": 0, "total": 0, "video_tokens": 0, "text_tokens": 0}}}).encode()
+
+
+def test_summary_numbers_frames_over_the_job_and_keeps_maxima():
+    from streamguard.schemas import status_record, encoder
+    from streamguard.services.jobs import summarize
+    records = [_record(0, 2, []), _record(1, 3, [(1, 2.5, 0.6)]), encoder.encode(status_record("job_x", -1, "bad")),
+               _record(2, 2, [(0, 4.0, 0.9), (1, 5.0, 0.7)])]
+    s = summarize(records)
+    assert s.safe is False and s.framesAnalyzed == 7 and s.processingTimeMs == 30
+    assert [(v.category, v.confidence) for v in s.violations] == [("violence", 0.9)]
+    assert s.scores == {"violence": 0.9, "weapons": 0.04}
+    assert [(f.frameIndex, f.time, f.segmentIndex) for f in s.flaggedFrames] == [(3, 2.5, 1), (5, 4.0, 2),
+                                                                                  (6, 5.0, 2)]
+    clean = summarize([_record(0, 2, [])])
+    assert clean.safe is True and clean.violations == [] and clean.flaggedFrames == []

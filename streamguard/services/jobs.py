@@ -385,8 +385,13 @@ class JobService:
         job_id = running.row.id
         self.metrics.jobs_running.inc()
         try:
-            row = await self.store(Store.claim_job, job_id,
-                                   lifecycle_events("video.conversion.started", self.public_url))
+            try:
+                row = await self.store(Store.claim_job, job_id,
+                                       lifecycle_events("video.conversion.started", self.public_url))
+            except Exception as exc:  # the store is failing: the job stays queued for a later look
+                log.error("job %s: cannot start it now: %s", job_id, exc)
+                await asyncio.sleep(DISPATCH_INTERVAL)
+                return
             if row is None:
                 return  # cancelled between the dispatcher's look and the claim
             self.delivery.wake()
