@@ -17,7 +17,7 @@ from . import __version__, logsafe
 from .config import Settings, load_settings
 from .errors import NotFound as NotFoundError
 from .errors import InputInvalid, StreamGuardError
-from .schemas import RENDITIONS, Fps, SegmentSeconds, Threshold, bounds
+from .schemas import RENDITIONS, X264_PRESETS, Fps, SegmentSeconds, Threshold, bounds
 
 if TYPE_CHECKING:
     from .store import Store
@@ -41,6 +41,8 @@ def _ranged(kind: type[int] | type[float], lo: float, hi: float) -> Callable[[st
 def _renditions(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in RENDITIONS]
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"renditions repeated in {text!r}")
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown rendition(s) {', '.join(unknown) or '(none)'}; available: {', '.join(RENDITIONS)}")
@@ -73,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", metavar="DIR", type=Path, help="HLS output folder")
     scan.add_argument("--moderate", action="store_true", help="run content moderation")
     scan.add_argument("--renditions", type=_renditions, default=["source"],
-                      help="comma-separated renditions to write (source)")
+                      help="comma-separated renditions to write: source (a remux) and/or the encoded "
+                           "presets 360p,480p,720p,1080p (default source)")
+    scan.add_argument("--x264-preset", choices=X264_PRESETS, default="fast",
+                      help="libx264 preset of the encoded renditions (fast)")
     _common(scan, model=True)
 
     serve = sub.add_parser("serve", help="run the daemon: HTTP API, live tasks, metrics")
@@ -154,7 +159,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         "segment_seconds": args.segment_seconds, "fps": args.fps, "threshold": args.threshold}})
     p = settings.pipeline
     opts = PipelineOptions(segment_seconds=p.segment_seconds, fps=p.fps, threshold=p.threshold,
-                           moderate=args.moderate)
+                           moderate=args.moderate, renditions=tuple(args.renditions),
+                           x264_preset=args.x264_preset)
     return asyncio.run(run_scan(args.inputs, settings, opts, out_dir=args.out, model_dir=args.model))
 
 

@@ -125,7 +125,8 @@ class LiveSettings(_Section, kw_only=True):
 
 
 class LimitsSettings(_Section, kw_only=True):
-    # Concurrent live tasks this node accepts; more get 429.
+    # Concurrent live tasks this node accepts; more get 429. A task counts 1 plus
+    # 1 per encoded rendition (services/streams.task_weight).
     max_tasks: Annotated[int, Meta(ge=1)] = 32
     # When the oldest frame waiting for inference is older than this, the
     # node sheds its newest task (status 16) instead of letting all fall behind.

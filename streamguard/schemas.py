@@ -165,10 +165,13 @@ def bounds(annotated: Any) -> tuple[Any, Any]:
     return meta.ge, meta.le
 
 
-# Rendition names of the contract (CONTRACT §2, §5), and those this node writes
-# (the presets come later: asked for, they are refused with 422, never ignored).
+# Rendition names of the contract (CONTRACT §2, §5): the source remux and the
+# encoded presets (media/ladder.py), all written by this node.
 Rendition = Literal["source", "360p", "480p", "720p", "1080p"]
-RENDITIONS = ("source",)
+RENDITIONS: tuple[str, ...] = get_args(Rendition)
+# libx264 presets the encoded renditions may use (jobs' ffmpegPreset, scan --x264-preset).
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
+X264_PRESETS: tuple[str, ...] = get_args(X264Preset)
 
 # Live source URL prefixes accepted by POST /v1/streams.
 STREAM_SCHEMES = ("rtmp://", "rtmps://", "rtsp://", "rtsps://", "http://", "https://")

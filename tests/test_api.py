@@ -121,7 +121,6 @@ def test_malformed_json_wrong_type_and_oversize(daemon, key):
 @pytest.mark.parametrize("body,field", [
     ({"url": "rtmp://127.0.0.1/live/x", "enable_logo_detection": True}, "enable_logo_detection"),
     ({"url": "rtmp://127.0.0.1/live/x", "enable_categorization": True}, "enable_categorization"),
-    ({"url": "rtmp://127.0.0.1/live/x", "renditions": ["source", "720p"]}, "renditions"),
 ])
 def test_features_not_offered_yet_are_refused_not_ignored(daemon, key, body, field):
     reply = daemon.call("POST", "/v1/streams", body, key=key)
@@ -175,6 +174,14 @@ def test_project_scoping_capacity_and_stop(daemon, key):
         again = daemon.call("POST", f"/v1/streams/{tid}/stop", key=key)  # idempotent
         assert again.status == 200 and again.data["status"] == 14
         daemon.call("POST", f"/v1/streams/{second.body['data']['task_id']}/stop", key=other)
+
+
+def test_encoded_renditions_count_against_capacity(daemon, key):
+    """Live transcoding costs CPU: a task counts 1 + its encoded renditions (max_tasks = 2 here)."""
+    reply = daemon.call("POST", "/v1/streams", {"url": "rtmp://127.0.0.1/live/x",
+                                                "renditions": ["source", "360p", "720p"]}, key=key)
+    assert_error(reply, 429, "STREAMGUARD_CAPACITY_REACHED")
+    assert reply.error["details"]["weight"] == 3
 
 
 def test_balance_zero_is_402_at_start(daemon):

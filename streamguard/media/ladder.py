@@ -61,7 +61,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("720p", 1280, 720, 2_800_000, 128_000),
     Preset("1080p", 1920, 1080, 5_000_000, 192_000),
 )}
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 # Frames a rung's worker may have queued before the pipeline waits for it:
 # enough to ride out an x264 stall, few enough that decoded 1080p frames

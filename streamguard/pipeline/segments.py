@@ -33,7 +33,6 @@ and logged once per segment.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -208,7 +207,7 @@ class SegmentPipeline:
         """Withdraw the open segment's frames from inference (any thread): a
         task ended at once has no use for them, and a shed one must not leave
         its backlog behind."""
-        for closing in list(self._waiting):
+        for closing in _snapshot(self._waiting):
             for _, fut in closing.frames:
                 fut.cancel()
         for _, fut in list(self.frames):
@@ -392,6 +391,17 @@ class SegmentPipeline:
             if rendition.entries or rendition.has_playlist:
                 rendition.write_playlist(ended=True)
         self._master = write_master(self.task_dir, self.renditions, self._master)
+
+
+def _snapshot(items: deque) -> list:
+    """A copy of a deque the ingest thread may be changing (another thread's
+    view: iterating it while it changes raises)."""
+    for _ in range(100):
+        try:
+            return list(items)
+        except RuntimeError:
+            continue
+    return []
 
 
 @dataclass

@@ -30,8 +30,9 @@ from ..media.hls import LiveMedia
 from ..media.retention import DiskSpace
 from ..media.source import SourceOptions
 from ..metrics import Metrics
+from ..media.ladder import is_preset
 from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
-from ..schemas import (RENDITIONS, STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
+from ..schemas import (STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
                       RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, encoder, status_record)
 from ..store import AsyncStore
 from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
@@ -117,6 +118,18 @@ class PreparedTask:
     supervisor: list[LiveSupervisor]  # emit's view of the supervisor, bound in _run
 
 
+# Live encoded renditions must keep up with real time: a lighter x264 preset
+# than a file job's default.
+LIVE_X264_PRESET = "veryfast"
+
+
+def task_weight(renditions: list[str] | tuple[str, ...]) -> int:
+    """Capacity slots a live task takes against limits.max_tasks: 1, plus 1
+    per encoded rendition (live transcoding costs CPU: a task encoding
+    360p+720p counts as 3)."""
+    return 1 + sum(1 for r in renditions if is_preset(r))
+
+
 def validate_stream_request(req: StreamRequest) -> None:
     if not req.url.startswith(STREAM_SCHEMES):
         raise InputInvalid("url must be an rtmp://, rtmps://, rtsp:// or http(s):// (HLS) stream URL",
@@ -127,10 +140,6 @@ def validate_stream_request(req: StreamRequest) -> None:
     if req.enable_categorization:
         raise FeatureUnavailable("categorization is not available on this node yet",
                                  details={"field": "enable_categorization"})
-    unknown = [r for r in req.renditions if r not in RENDITIONS]
-    if unknown:
-        raise FeatureUnavailable(f"renditions {', '.join(unknown)} are not available on this node yet; "
-                                 f"use [\"source\"]", details={"field": "renditions"})
 
 
 Event = tuple[str, str, bytes]  # (event name, event id, body)
@@ -228,15 +237,21 @@ class StreamService:
 
     # --- start / stop -----------------------------------------------------------
 
-    def _admit(self) -> None:
-        """Take a capacity slot, synchronously: no await between the check and
-        the taking, so concurrent starts can never overshoot `max_tasks`."""
+    def _capacity_used(self) -> int:
+        return sum(task_weight(t.row.params.get("renditions") or ["source"]) for t in self.tasks.values()) \
+            + self._admitting
+
+    def _admit(self, weight: int = 1) -> None:
+        """Take `weight` capacity slots, synchronously: no await between the
+        check and the taking, so concurrent starts can never overshoot `max_tasks`."""
         if self.draining:
             raise Unavailable("this node is draining and accepts no new tasks")
         limit = self.settings.limits.max_tasks
-        if len(self.tasks) + self._admitting >= limit:
-            raise CapacityReached(f"this node runs its maximum of {limit} tasks", details={"max_tasks": limit})
-        self._admitting += 1
+        if self._capacity_used() + weight > limit:
+            raise CapacityReached(f"this node runs its maximum of {limit} tasks"
+                                  + (f" (this one counts {weight}: 1 + its encoded renditions)" if weight > 1 else ""),
+                                  details={"max_tasks": limit, "weight": weight})
+        self._admitting += weight
 
     async def start(self, principal: Principal, req: StreamRequest) -> TaskRow:
         """All or nothing: every check and everything that can fail (the media
@@ -244,7 +259,8 @@ class StreamService:
         are stored; a failed start stores nothing and frees its slot."""
         validate_stream_request(req)
         self.check_admission(req.enable_content_moderation)
-        self._admit()
+        weight = task_weight(req.renditions)
+        self._admit(weight)
         try:
             balance = await self.store(Store.balance, principal.key_id)
             if balance is not None and balance <= 0:
@@ -264,7 +280,7 @@ class StreamService:
                 log.error("task %s not started: its media dir is not writable: %s", row.id, exc)
                 raise Unavailable(f"this node cannot write media: {exc.strerror or exc}") from None
         except BaseException:
-            self._admitting -= 1
+            self._admitting -= weight
             raise
         # Once the row may be written the start completes even if the caller
         # goes away (a stored task must run, never linger as a ghost).
@@ -284,7 +300,7 @@ class StreamService:
             shutil.rmtree(self.media_root / row.id, ignore_errors=True)
             raise
         finally:
-            self._admitting -= 1
+            self._admitting -= task_weight(prepared.opts.renditions)
         self._run(prepared)  # no await since the slot was released: it is taken again here
         self.delivery.wake()
 
@@ -306,7 +322,8 @@ class StreamService:
         queue = SegmentQueue(loop)
         analyzer = self.analyzer if req.enable_content_moderation else None
         opts = PipelineOptions(segment_seconds=req.segment_seconds, fps=req.fps, threshold=req.threshold,
-                               moderate=req.enable_content_moderation)
+                               moderate=req.enable_content_moderation, renditions=tuple(req.renditions),
+                               x264_preset=LIVE_X264_PRESET)
         task_dir = self.media_root / row.id
         supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
 
