@@ -460,8 +460,9 @@ async def test_a_body_that_is_not_multipart_is_415(upload_app: UploadApp) -> Non
     (_form(("video", "a.mp4", b"x"), *[(f"f{i}", None, b"1") for i in range(33)]), 400, "f32", "more than 32"),
     (_form(("video", "a.mp4", b"x"), ("title", None, b"\xff\xfe")), 400, "title", "not valid text"),
     (_part("video", "a.mp4") + b"x" * 100, 400, "video", "malformed"),  # no closing boundary
+    (_form(("video", "a" * 20000 + ".mp4", b"x")), 400, "video", "malformed"),  # a part header line of 20 kB
 ], ids=["no-file", "file-too-large", "stray-file", "field-too-large", "repeated-field", "too-many-fields",
-        "bad-text", "truncated"])
+        "bad-text", "truncated", "long-part-header"])
 async def test_bad_forms(upload_app: UploadApp, body: bytes, status: int, field: str, words: str) -> None:
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: every limit is met while streaming
         for i in range(0, len(body), 4096):
