@@ -138,6 +138,17 @@ def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
 
 
+def new_folders(d: Daemon, before: set[str]) -> list[str]:
+    """Job work folders (inputs, uploads, staging) that appeared since `before`
+    (other tests' jobs may be running meanwhile)."""
+    root = d.data_dir / "jobs"
+    return sorted({p.name for p in root.iterdir()} - before) if root.exists() else []
+
+
+def folders(d: Daemon) -> set[str]:
+    return set(new_folders(d, set()))
+
+
 # --------------------------------------------------------------------------- the happy path
 
 
@@ -262,6 +273,7 @@ def test_validation_errors_name_the_field(daemon: Daemon, body: dict, status: in
 
 def test_malformed_json_missing_input_and_form_errors(daemon: Daemon):
     key, _ = project(daemon, "jobs-malformed")
+    before = folders(daemon)
     reply = daemon.call("POST", "/v1/jobs", raw=b'{"inputUrl": ', key=key)
     assert reply.status == 400 and reply.error["message"].startswith("malformed JSON"), reply.body
     assert submit(daemon, key, {"outputFormats": ["source"]}, 400)["message"] == "inputUrl is required"
@@ -271,7 +283,7 @@ def test_malformed_json_missing_input_and_form_errors(daemon: Daemon):
                           ({"ffmpegPreset": "placebo"}, "ffmpegPreset")):
         reply = upload(daemon, key, fields, "x.mp4", b"\x00" * 1000)
         assert reply.status == 400 and reply.error["details"]["field"] == field, (fields, reply.body)
-    assert not files_under(daemon.data_dir / "jobs")
+    assert new_folders(daemon, before) == []
 
 
 def test_no_balance_is_402(daemon: Daemon, red_url: str):
@@ -281,9 +293,10 @@ def test_no_balance_is_402(daemon: Daemon, red_url: str):
 
 def test_non_video_upload_is_400_and_leaves_nothing(daemon: Daemon):
     key, _ = project(daemon, "jobs-notvideo")
+    before = folders(daemon)
     reply = upload(daemon, key, {"outputFormats": '["source"]'}, "movie.mp4", b"this is not a video\n" * 500)
     assert reply.status == 400 and reply.error["code"] == "STREAMGUARD_INPUT_INVALID", reply.body
-    assert not files_under(daemon.data_dir / "jobs")
+    assert new_folders(daemon, before) == []
     assert daemon.call("GET", "/v1/jobs", key=key).data["total"] == 0
 
 
@@ -345,6 +358,7 @@ def _streamed_upload(base: str, key: str, file_bytes: int, *, chunked: bool) -> 
 def test_upload_over_2gib_is_413_without_memory_growth_or_leftovers(daemon: Daemon):
     key, _ = project(daemon, "jobs-toolarge")
     assert daemon.proc is not None
+    existing = folders(daemon)
     before = rss_kib(daemon.proc.pid)
     peak = [before]
     stop = threading.Event()
@@ -367,7 +381,7 @@ def test_upload_over_2gib_is_413_without_memory_growth_or_leftovers(daemon: Daem
     assert status == 413 and body["error"]["code"] == "STREAMGUARD_PAYLOAD_TOO_LARGE", body
     assert sent < 2 << 30
     assert peak[0] - before < 64 * 1024, f"RSS grew from {before} KiB to {peak[0]} KiB"
-    daemon.wait_for(lambda: not files_under(daemon.data_dir / "jobs"), 10, "the partial upload to be removed")
+    daemon.wait_for(lambda: not new_folders(daemon, existing), 10, "the partial upload to be removed")
     assert daemon.call("GET", "/v1/jobs", key=key).data["total"] == 0
 
 

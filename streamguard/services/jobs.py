@@ -321,9 +321,9 @@ class JobService:
                        params=job_params(opts), state="starting", created_at=time.time())
         await self.store(Store.create_job, task, None if upload is None else str(upload))
         self.metrics.jobs_submitted.inc()
-        self._wake.set()
-        row = await self.store(Store.job, job_id)
+        row = await self.store(Store.job, job_id)  # read before the dispatcher may claim it: the reply says PENDING
         assert row is not None
+        self._wake.set()
         return row
 
     async def cancel(self, principal: Principal, job_id: str) -> JobRow:
