@@ -180,6 +180,19 @@ class DeliverySettings(_Section, kw_only=True):
     secret_grace_seconds: Annotated[float, Meta(ge=0)] = 86400.0
 
 
+class JobsSettings(_Section, kw_only=True):
+    # File jobs (POST /v1/jobs) this node runs at once; the rest wait in the
+    # durable queue, oldest first.
+    concurrency: Annotated[int, Meta(ge=1, le=64)] = 2
+    # POST /v1/jobs/upload: a `video` part larger than this is refused with 413
+    # as soon as it passes the limit (it streams to disk, never into memory).
+    upload_max_bytes: Annotated[int, Meta(ge=1)] = 2 << 30
+    # A job's inputUrl: the download fails (DOWNLOAD_FAILED) past this size, or
+    # when the whole download, retries included, takes longer than download_timeout seconds.
+    download_max_bytes: Annotated[int, Meta(ge=1)] = 2 << 30
+    download_timeout: PosFloat = 600.0
+
+
 class Settings(_Section, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -190,6 +203,7 @@ class Settings(_Section, kw_only=True):
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
+    jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)
 
     @property
     def data_dir(self) -> Path:

@@ -57,6 +57,12 @@ class Metrics:
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)
 
+        self.jobs_submitted = Counter("streamguard_jobs_submitted_total", "File jobs accepted (PENDING).",
+                                      registry=r)
+        self.jobs_running = Gauge("streamguard_jobs_running", "File jobs running on this node.", registry=r)
+        self.jobs_ended = Counter("streamguard_jobs_ended_total",
+                                  "File jobs ended, by status: COMPLETED, FAILED, CANCELLED.", ["status"], registry=r)
+
         self.disk_free_bytes = Gauge("streamguard_disk_free_bytes",
                                      "Free bytes under the data dir at the last retention sweep.", registry=r)
         self.media_deleted_bytes = Counter("streamguard_media_deleted_bytes_total",

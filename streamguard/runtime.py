@@ -18,6 +18,7 @@ from .media.retention import DiskSpace, MediaRetention
 from .metrics import Metrics
 from .services.projects import ProjectService
 from .store import AsyncStore, Store
+from .services.jobs import JobService
 from .services.streams import StreamService
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Runtime:
     started_at: float
     disk: DiskSpace
     retention: MediaRetention
+    jobs: JobService
     model_error: str | None = None
     _housekeeping: asyncio.Task | None = None
 
@@ -84,9 +86,14 @@ class Runtime:
         if resumed:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
+        jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error)
+        swept = await jobs.sweep_work()
+        if swept:
+            log.warning("removed %d leftover job input folder(s) of ended jobs or interrupted uploads", swept)
+        jobs.start()  # jobs a previous process left queued or running are picked up from the store
         runtime = cls(settings, store, analyzer, metrics, streams, delivery,
                       ProjectService(store, settings.delivery), DeliveryService(store, delivery), time.time(),
-                      disk, retention, model_error)
+                      disk, retention, jobs, model_error)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
         return runtime
 
@@ -123,7 +130,7 @@ class Runtime:
     async def close(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        await self.streams.drain()
+        await asyncio.gather(self.streams.drain(), self.jobs.drain())
         await self.delivery.close()
         if self.analyzer is not None:
             self.analyzer.close()

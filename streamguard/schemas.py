@@ -4,6 +4,7 @@ OpenAPI document). Field names follow CONTRACT.md exactly."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
@@ -127,6 +128,11 @@ def status_record(task_id: str, status: int, message: str) -> SegmentRecord:
 encoder = msgspec.json.Encoder()
 
 
+def iso(ts: float | None) -> str | None:
+    """Wire form of a time: ISO 8601 UTC with a Z."""
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 # --- shared ranges and names: the one home of each (config, CLI and API import them)
 
 # `metadata` is stored with the task and echoed in every event and read: keep it small.
@@ -245,6 +251,17 @@ STREAM_EVENTS: tuple[str, ...] = get_args(StreamEvent)
 EVENTS: tuple[str, ...] = get_args(EventName)
 
 TaskState = Literal["starting", "running", "stopped"]
+JobStatus = Literal["PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+# Events a job sends to its own callbackUrl (besides its stream.segment records).
+JOB_EVENTS: tuple[str, ...] = ("video.conversion.started", "video.conversion.completed", "video.conversion.failed")
+# libx264's presets (all but placebo), the reference's six among them.
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
+# A job's HLS segments are its moderation segments: 1..10 s (CONTRACT §2).
+JobSegmentSeconds = Annotated[int, Meta(ge=1, le=10)]
+# Job input URLs: files fetched over http(s) (addresses checked by addresses.check_host).
+InputUrl = Annotated[str, Meta(min_length=1, max_length=4096, pattern="^https?://",
+                               description="an http:// or https:// URL of a video file")]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
@@ -308,6 +325,96 @@ class StreamTask(_Wire, kw_only=True):
     stopped_at: str | None
 
 
+# --- file jobs (CONTRACT §2 "File jobs") ---------------------------------------
+
+DEFAULT_OUTPUT_FORMATS = ("360p", "480p", "720p")
+
+
+class JobOptions(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """Everything a job takes but its input: the fields of POST /v1/jobs/upload's
+    form (arrays and objects JSON-encoded there)."""
+
+    outputFormats: Annotated[list[Rendition], Meta(min_length=1, max_length=len(get_args(Rendition)))] = \
+        msgspec.field(default_factory=lambda: list(DEFAULT_OUTPUT_FORMATS))
+    ffmpegPreset: X264Preset = "fast"
+    # `hlsTime` (the reference's name) is accepted as an alias; `segment_seconds` says which applies.
+    segmentSeconds: JobSegmentSeconds | UnsetType = UNSET
+    hlsTime: JobSegmentSeconds | UnsetType = UNSET
+    fps: Fps = 1
+    moderate: bool = False
+    categorize: bool = False
+    detectLogos: bool = False
+    maxLogos: MaxLogos = 5
+    threshold: Threshold = 0.30
+    metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
+    callbackUrl: HttpUrl | None = None
+    s3Config: dict[str, Any] | None = None  # CONTRACT §8; refused (422) until S3 output exists
+
+    def __post_init__(self) -> None:
+        check_unique("outputFormats", self.outputFormats)
+        check_metadata(self.metadata)
+        if self.segmentSeconds is not UNSET and self.hlsTime is not UNSET and self.segmentSeconds != self.hlsTime:
+            raise FieldInvalid("hlsTime", "hlsTime is an alias of segmentSeconds: give one, or the same value")
+
+    @property
+    def segment_seconds(self) -> int:
+        for value in (self.segmentSeconds, self.hlsTime):
+            if value is not UNSET:
+                return value  # type: ignore[return-value]
+        return 5
+
+
+class JobRequest(JobOptions, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/jobs."""
+
+    inputUrl: InputUrl
+
+
+class JobFlaggedFrame(_Wire, kw_only=True):
+    frameIndex: int  # over all of the job's sampled frames, in time order
+    time: float  # timeline seconds
+    segmentIndex: int
+    violations: list[Violation]
+
+
+class ModerationSummary(_Wire, kw_only=True):
+    """The job's verdict in the reference's shape: per category the max score,
+    violations at their highest confidence."""
+
+    safe: bool
+    violations: list[Violation]
+    scores: dict[str, float]
+    flaggedFrames: list[JobFlaggedFrame]
+    framesAnalyzed: int
+    processingTimeMs: int
+
+
+class Job(_Wire, kw_only=True):
+    """The job object (GET /v1/jobs/{id}; `data` of video.conversion.* events, with jobId)."""
+
+    id: str
+    projectId: str
+    status: JobStatus
+    progress: float  # 0..1; moves at least once per segment
+    inputUrl: str | None  # null for an upload
+    outputFormats: list[Rendition]  # asked for; once COMPLETED, those produced
+    outputUrl: str | None
+    thumbnailUrl: str | None
+    renditionUrls: dict[str, str] | None
+    durationSec: float | None
+    segmentsCount: int
+    moderation: ModerationSummary | None
+    categorization: dict[str, Any] | None
+    logoDetection: dict[str, Any] | None
+    tokens: TokenUsage
+    metadata: dict[str, Any] | None
+    errorCode: str | None
+    errorMessage: str | None
+    createdAt: str
+    startedAt: str | None
+    completedAt: str | None
+
+
 T = TypeVar("T")
 
 
@@ -336,6 +443,14 @@ class StreamListQuery(_Wire, kw_only=True):
     """GET /v1/streams?state=&page=&pageSize=."""
 
     state: TaskState | UnsetType = UNSET
+    page: PageNumber = 1
+    pageSize: PageSize = 20
+
+
+class JobListQuery(_Wire, kw_only=True):
+    """GET /v1/jobs?status=&page=&pageSize=."""
+
+    status: JobStatus | UnsetType = UNSET
     page: PageNumber = 1
     pageSize: PageSize = 20
 

@@ -19,14 +19,16 @@ from aiohttp import web
 from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
+from .jobs import cancel_job, create_job, get_job, job_records, list_jobs, upload_job
 from .media import media, media_headers
 from .project import get_project, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
 from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
 from .. import __version__
 from ..runtime import Runtime
-from ..schemas import (Delivery, DeliveryListQuery, ErrorEnvelope, Page, ProjectView, RecordPage, RecordQuery,
-                       SegmentRecord, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
+from ..schemas import (Delivery, DeliveryListQuery, ErrorEnvelope, Job, JobListQuery, JobOptions, JobRequest, Page,
+                       ProjectView, RecordPage, RecordQuery, SegmentRecord, StreamListQuery, StreamRequest,
+                       StreamStarted, StreamTask, WebhookUpdate)
 
 
 # --- the route table: router and OpenAPI from one place ------------------------------------
@@ -43,6 +45,8 @@ class Route:
     auth: bool = True
     status: int = 200
     content_types: tuple[str, ...] = ("application/json",)  # of the success reply
+    # multipart/form-data body instead of JSON: (file field, struct of the other form fields)
+    form: tuple[str, Any] | None = None
 
 
 ROUTES: tuple[Route, ...] = (
@@ -63,6 +67,18 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/streams/{task_id}/records", stream_records,
           "Stored per-segment records after a segment_index, in segment order", None, RecordPage[SegmentRecord],
           RecordQuery),
+    Route("POST", "/v1/jobs", create_job, "Submit a file job by URL (201, PENDING)", JobRequest, Job, status=201),
+    Route("POST", "/v1/jobs/upload", upload_job,
+          "Submit a file job by upload: multipart `video` plus POST /v1/jobs's fields as form values "
+          "(arrays and objects JSON-encoded); 413 past jobs.upload_max_bytes", None, Job, status=201,
+          form=("video", JobOptions)),
+    Route("GET", "/v1/jobs", list_jobs, "List file jobs, newest first", None, Page[Job], JobListQuery),
+    Route("GET", "/v1/jobs/{job_id}", get_job, "A file job", None, Job),
+    Route("DELETE", "/v1/jobs/{job_id}", cancel_job, "Cancel a PENDING job (204; any other status 409)",
+          status=204),
+    Route("GET", "/v1/jobs/{job_id}/records", job_records,
+          "A job's stored per-segment records after a segment_index, in segment order", None,
+          RecordPage[SegmentRecord], RecordQuery),
     Route("GET", "/v1/project", get_project, "The caller's project and webhook settings", None, ProjectView),
     Route("PUT", "/v1/project/webhook", put_webhook, "Set the project webhook URL and subscribed events",
           WebhookUpdate, ProjectView),
@@ -116,6 +132,8 @@ def build_openapi() -> dict[str, Any]:
             op["parameters"] = params
         if r.request is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref_of[id(r.request)]}}}
+        if r.form is not None:
+            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _form_schema(*r.form)}}}
         op["responses"] = {str(r.status): _success(r), "default": error}
         if r.auth:
             op["security"] = [{"bearer": []}]
@@ -130,7 +148,25 @@ def build_openapi() -> dict[str, Any]:
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
 
 
+def _form_schema(file_field: str, struct: Any) -> dict[str, Any]:
+    """A multipart form: the file, and the struct's fields as form values (arrays
+    and objects as JSON text, as requests.decode_form reads them)."""
+    schema = msgspec.json.schema(struct)
+    fields = schema["$defs"][schema["$ref"].rsplit("/", 1)[1]]["properties"]
+    props: dict[str, Any] = {file_field: {"type": "string", "format": "binary"}}
+    for name, prop in fields.items():
+        options = [o for o in prop.get("anyOf", [prop]) if o != {"type": "null"}]
+        one = options[0] if len(options) == 1 else prop
+        if one.get("type") in ("array", "object"):
+            props[name] = {"type": "string", "description": f"JSON-encoded {one['type']}"}
+        else:
+            props[name] = {k: v for k, v in one.items() if k != "default"}
+    return {"type": "object", "required": [file_field], "properties": props}
+
+
 def _success(r: Route) -> dict[str, Any]:
+    if r.status == 204:
+        return {"description": "done; no content"}
     if r.response is None:
         return {"description": "success", "content": {
             t: {"schema": {} if t == "application/json" else {"type": "string"}} for t in r.content_types}}

@@ -15,17 +15,13 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from ..errors import StreamGuardError
-from ..schemas import ErrorBody, ErrorEnvelope, Success
+from ..schemas import ErrorBody, ErrorEnvelope, Success, iso
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _json = msgspec.json.Encoder()
-
-
-def iso(ts: float | None) -> str | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def now_iso() -> str:

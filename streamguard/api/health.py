@@ -31,7 +31,8 @@ async def readyz(request: web.Request) -> web.Response:
     if reasons:
         raise Unavailable(f"not ready: {'; '.join(reasons)}",
                           details={"checks": checks, "reasons": reasons, "disk": disk})
-    return json_response({"status": "ready", "checks": checks, "disk": disk})
+    jobs = {"running": len(runtime.jobs.running), "concurrency": runtime.settings.jobs.concurrency}
+    return json_response({"status": "ready", "checks": checks, "disk": disk, "jobs": jobs})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ with validation messages in the API's words."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable
 
@@ -118,6 +119,25 @@ def decode_query(request: web.Request, struct: type) -> Any:
     """The query string as `struct` (see schemas: the same struct documents it in
     /openapi.json). Unknown names are ignored; of a repeated name the last counts."""
     values = dict(request.query.items())
+    try:
+        return msgspec.convert(values, struct, strict=False)
+    except msgspec.ValidationError as exc:
+        raise friendly_validation(exc, struct) from None
+
+
+def decode_form(fields: dict[str, str], struct: type) -> Any:
+    """Multipart form values as `struct`, validated like the JSON body: arrays,
+    objects and quoted strings are JSON-encoded; numbers and booleans are read
+    from their text; other values are plain text."""
+    values: dict[str, Any] = {}
+    for name, text in fields.items():
+        if text.lstrip()[:1] in ("[", "{", '"'):
+            try:
+                values[name] = json.loads(text)
+            except ValueError as exc:
+                raise InputInvalid(f"{name} is not valid JSON: {exc}", details={"field": name}) from None
+        else:
+            values[name] = text
     try:
         return msgspec.convert(values, struct, strict=False)
     except msgspec.ValidationError as exc:

@@ -52,8 +52,10 @@ async def serve(settings: Settings, model_dir: str | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.warning("streamguard listening on http://%s:%s (data %s)", host, port, settings.data_dir)
     await stop.wait()
-    log.warning("draining: %d task(s) finish their in-flight segment", len(runtime.streams.tasks))
-    await runtime.streams.drain()  # the API stays up meanwhile, for status polling
+    log.warning("draining: %d task(s) finish their in-flight segment, %d job(s) stop to run again at the next "
+                "start", len(runtime.streams.tasks), len(runtime.jobs.running))
+    # the API stays up meanwhile, for status polling
+    await asyncio.gather(runtime.streams.drain(), runtime.jobs.drain())
     await runner.cleanup()
     await runtime.close()
     log.warning("drained; exiting")

@@ -58,8 +58,12 @@ async def stream_records(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     query = decode_query(request, RecordQuery)
     row, rows = await runtime.streams.records(principal_of(request), request.match_info["task_id"], query)
-    items = [msgspec.Raw(body) for _, body in rows]
-    # null once a stopped task has nothing more to give; otherwise where to poll from next
-    exhausted = row.state == "stopped" and len(rows) < query.limit
+    return ok(record_page(rows, query, ended=row.state == "stopped"))
+
+
+def record_page(rows: list[tuple[int, bytes]], query: RecordQuery, *, ended: bool) -> RecordPage:
+    """Stored records as sent; next_after is null once an ended task or job
+    has nothing more to give, otherwise where to poll from next."""
+    exhausted = ended and len(rows) < query.limit
     next_after = None if exhausted else (rows[-1][0] if rows else query.after)
-    return ok(RecordPage(items=items, next_after=next_after))
+    return RecordPage(items=[msgspec.Raw(body) for _, body in rows], next_after=next_after)

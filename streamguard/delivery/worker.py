@@ -31,7 +31,7 @@ import msgspec
 from ..addresses import AddressPolicy, PolicyResolver, send_time_problem
 from ..config import DeliverySettings
 from ..metrics import Metrics
-from ..schemas import STREAM_EVENTS
+from ..schemas import JOB_EVENTS, STREAM_EVENTS
 from ..store import AsyncStore, Store
 from ..store.sqlite import DeliveryRow, OutboxItem, Project
 
@@ -46,11 +46,15 @@ def new_event_id() -> str:
 
 # --- routing and envelopes ----------------------------------------------------------
 
+# What a task's or job's own callback URL receives: its records and lifecycle events.
+CALLBACK_EVENTS = frozenset(STREAM_EVENTS + JOB_EVENTS)
+
+
 def destinations(project: Project, callback_url: str | None, event: str) -> list[str]:
-    """Where an event goes: the task's callback (stream events) and the project
-    webhook when subscribed (an empty subscription list means every event)."""
+    """Where an event goes: the task's or job's callback (its own events) and
+    the project webhook when subscribed (an empty subscription list means every event)."""
     urls = []
-    if callback_url and event in STREAM_EVENTS:
+    if callback_url and event in CALLBACK_EVENTS:
         urls.append(callback_url)
     if project.webhook_url and (not project.webhook_events or event in project.webhook_events):
         if project.webhook_url not in urls:

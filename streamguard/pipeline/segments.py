@@ -596,11 +596,13 @@ class _LadderRun:
 
 
 def ingest(source: MediaSource, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
-           emit: Callable[[ClosedSegment], None]) -> IngestResult:
-    """Read one open source (a file, or a stream until it ends) to its end. Blocking."""
+           emit: Callable[[ClosedSegment], None],
+           should_stop: Callable[[], str | None] = lambda: None) -> IngestResult:
+    """Read one open source (a file, or a stream until it ends) to its end, or
+    until `should_stop` returns a StopMode (file jobs: drain, balance). Blocking."""
     pipe = SegmentPipeline(opts, task_dir, analyzer, emit)
     try:
-        error = pipe.consume(source)
+        error = pipe.consume(source, should_stop)
     finally:
         pipe.close()
     return IngestResult(segments=pipe.segments, error=error, sampler=pipe.stats, renditions=pipe.produced,

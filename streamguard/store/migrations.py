@@ -78,4 +78,25 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE projects ADD COLUMN previous_secret TEXT;
     ALTER TABLE projects ADD COLUMN previous_secret_expires_at REAL;
     """,
+    # 3: file jobs. A job is a `tasks` row (kind 'job': records, charging and the
+    # outbox are shared with live tasks) plus this side table; the queue is
+    # `status` PENDING/PROCESSING in created order.
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY REFERENCES tasks(id),
+        status TEXT NOT NULL,                  -- PENDING | PROCESSING | COMPLETED | FAILED | CANCELLED
+        progress REAL NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,   -- runs started (a restart runs a PROCESSING job again)
+        input_path TEXT,                       -- an uploaded input, kept until the job ends
+        outputs TEXT,                          -- JSON list of the renditions produced
+        duration REAL,
+        summary TEXT,                          -- JSON: the job-level moderation summary
+        video_tokens INTEGER NOT NULL DEFAULT 0,
+        text_tokens INTEGER NOT NULL DEFAULT 0,
+        error_code TEXT,
+        error_message TEXT,
+        completed_at REAL
+    );
+    CREATE INDEX jobs_queue ON jobs(status);
+    """,
 )

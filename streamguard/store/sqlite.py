@@ -110,6 +110,46 @@ def _task(row: tuple) -> TaskRow:
     return TaskRow(*values)
 
 
+@dataclass
+class JobRow:
+    """A file job: its `tasks` row (input URL, settings, counters) and its `jobs` row."""
+
+    task: TaskRow
+    status: str
+    progress: float
+    attempts: int
+    input_path: str | None
+    outputs: list[str] | None
+    duration: float | None
+    summary: dict[str, Any] | None
+    video_tokens: int
+    text_tokens: int
+    error_code: str | None
+    error_message: str | None
+    completed_at: float | None
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+
+_JOB_SELECT = ("SELECT " + ", ".join(f"t.{c.strip()}" for c in _TASK_COLS.split(",")) +
+               ", j.status, j.progress, j.attempts, j.input_path, j.outputs, j.duration, j.summary, j.video_tokens, "
+               "j.text_tokens, j.error_code, j.error_message, j.completed_at FROM tasks t JOIN jobs j ON j.id = t.id ")
+_TASK_N = len(_TASK_COLS.split(","))
+
+
+def _job(row: tuple) -> JobRow:
+    task, rest = _task(row[:_TASK_N]), list(row[_TASK_N:])
+    rest[4] = json.loads(rest[4]) if rest[4] is not None else None  # outputs
+    rest[6] = json.loads(rest[6]) if rest[6] is not None else None  # summary
+    return JobRow(task, *rest)
+
+
+# Builds a job's events from its row as just updated, inside the transaction that updated it.
+JobEvents = Callable[["Store", JobRow], "list[OutboxItem]"]
+
+
 class InsufficientBalance(Exception):
     pass
 
@@ -332,10 +372,10 @@ class Store:
                                f"LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
         return [_task(r) for r in rows], total
 
-    def tasks_in_state(self, *states: str) -> list[TaskRow]:
+    def tasks_in_state(self, *states: str, kind: str = "stream") -> list[TaskRow]:
         marks = ", ".join("?" * len(states))
-        rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN ({marks}) ORDER BY created_at",
-                               states).fetchall()
+        rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN ({marks}) AND kind = ? "
+                               "ORDER BY created_at", (*states, kind)).fetchall()
         return [_task(r) for r in rows]
 
     def set_task_state(self, task_id: str, state: str, *, final_status: int | None = None,
@@ -362,23 +402,131 @@ class Store:
         Raises InsufficientBalance or KeyRevoked (and stores nothing) when the
         key cannot pay or was revoked."""
         with self._tx():
-            if final_state is None and self._revoked(key_id):  # a terminal record is stored all the same
-                raise KeyRevoked(key_id)
-            if cost:
-                cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
-                                      "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
-                if cur.rowcount == 0:
-                    raise InsufficientBalance(key_id)
-            self.db.execute("INSERT INTO records (task_id, seq, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
-                            (task_id, seq, status, body, time.time()))
-            self.db.execute(
-                "UPDATE tasks SET next_seq = MAX(next_seq, ? + 1), tokens = tokens + ?, "
-                "segments = segments + ?, flagged_segments = flagged_segments + ?, "
-                "timeline_end = COALESCE(?, timeline_end) WHERE id = ?",
-                (seq, cost, 1 if status in (0, -1) else 0, int(flagged), timeline_end, task_id))
-            self._enqueue(outbox)
-            if final_state is not None:
-                self.set_task_state(task_id, "stopped", final_status=final_state[0], final_message=final_state[1])
+            self._append_record(task_id, key_id, seq, status, body, cost=cost, flagged=flagged,
+                                timeline_end=timeline_end, outbox=outbox, final_state=final_state)
+
+    def _append_record(self, task_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int,
+                       flagged: bool, timeline_end: float | None, outbox: list[OutboxItem],
+                       final_state: tuple[int, str] | None) -> None:
+        if final_state is None and self._revoked(key_id):  # a terminal record is stored all the same
+            raise KeyRevoked(key_id)
+        if cost:
+            cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
+                                  "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
+            if cur.rowcount == 0:
+                raise InsufficientBalance(key_id)
+        self.db.execute("INSERT INTO records (task_id, seq, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (task_id, seq, status, body, time.time()))
+        self.db.execute(
+            "UPDATE tasks SET next_seq = MAX(next_seq, ? + 1), tokens = tokens + ?, "
+            "segments = segments + ?, flagged_segments = flagged_segments + ?, "
+            "timeline_end = COALESCE(?, timeline_end) WHERE id = ?",
+            (seq, cost, 1 if status in (0, -1) else 0, int(flagged), timeline_end, task_id))
+        self._enqueue(outbox)
+        if final_state is not None:
+            self.set_task_state(task_id, "stopped", final_status=final_state[0], final_message=final_state[1])
+
+    # --- file jobs: a kind="job" task plus its jobs row --------------------------------
+
+    def create_job(self, task: TaskRow, input_path: str | None = None) -> None:
+        with self._tx():
+            self._insert_task(task)
+            self.db.execute("INSERT INTO jobs (id, status, input_path) VALUES (?, 'PENDING', ?)",
+                            (task.id, input_path))
+
+    @reads
+    def job(self, job_id: str, project_id: str | None = None) -> JobRow | None:
+        sql, args = _JOB_SELECT + "WHERE t.id = ?", [job_id]
+        if project_id is not None:
+            sql += " AND t.project_id = ?"
+            args.append(project_id)
+        row = self.db.execute(sql, args).fetchone()
+        return None if row is None else _job(row)
+
+    @reads
+    def list_jobs(self, project_id: str, status: str | None, page: int,
+                  page_size: int) -> tuple[list[JobRow], int]:
+        where, args = "t.project_id = ?", [project_id]
+        if status:
+            where += " AND j.status = ?"
+            args.append(status)
+        total = self.db.execute(f"SELECT COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.id WHERE {where}",
+                                args).fetchone()[0]
+        rows = self.db.execute(_JOB_SELECT + f"WHERE {where} ORDER BY t.created_at DESC, t.id LIMIT ? OFFSET ?",
+                               [*args, page_size, (page - 1) * page_size]).fetchall()
+        return [_job(r) for r in rows], total
+
+    def runnable_jobs(self, exclude: list[str], limit: int) -> list[JobRow]:
+        """The queue's head: jobs left PROCESSING by a previous process (they
+        run again) before PENDING ones, each oldest first; `exclude`: running here."""
+        marks = ", ".join("?" * len(exclude))
+        skip = f"AND t.id NOT IN ({marks}) " if exclude else ""
+        rows = self.db.execute(
+            _JOB_SELECT + f"WHERE j.status IN ('PROCESSING', 'PENDING') {skip}"
+            "ORDER BY j.status = 'PENDING', t.created_at, t.id LIMIT ?", [*exclude, limit]).fetchall()
+        return [_job(r) for r in rows]
+
+    def claim_job(self, job_id: str, events: JobEvents) -> JobRow | None:
+        """PENDING (or PROCESSING, run again) -> PROCESSING, one more attempt;
+        the first attempt also queues `events` (video.conversion.started) in
+        the same transaction. None if the job is no longer runnable (cancelled)."""
+        with self._tx():
+            cur = self.db.execute("UPDATE jobs SET status = 'PROCESSING', attempts = attempts + 1 "
+                                  "WHERE id = ? AND status IN ('PENDING', 'PROCESSING')", (job_id,))
+            if cur.rowcount == 0:
+                return None
+            self.set_task_state(job_id, "running")
+            row = self.job(job_id)
+            assert row is not None
+            if row.attempts == 1:
+                self._enqueue(events(self, row))
+            return row
+
+    def append_job_record(self, job_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int,
+                          video_tokens: int, text_tokens: int, flagged: bool, timeline_end: float | None,
+                          progress: float, outbox: list[OutboxItem]) -> None:
+        """A job's segment record: stored, charged, queued for delivery and the
+        job's progress and tokens moved, in one transaction (append_record's rules)."""
+        with self._tx():
+            self._append_record(job_id, key_id, seq, status, body, cost=cost, flagged=flagged,
+                                timeline_end=timeline_end, outbox=outbox, final_state=None)
+            self.db.execute("UPDATE jobs SET progress = MAX(progress, ?), video_tokens = video_tokens + ?, "
+                            "text_tokens = text_tokens + ? WHERE id = ?",
+                            (progress, video_tokens, text_tokens, job_id))
+
+    def cancel_job(self, job_id: str, project_id: str) -> tuple[JobRow, bool] | None:
+        """(the job, whether it was cancelled now): only a PENDING job is. None: no such job."""
+        with self._tx():
+            row = self.job(job_id, project_id)
+            if row is None or row.status != "PENDING":
+                return None if row is None else (row, False)
+            self.db.execute("UPDATE jobs SET status = 'CANCELLED', completed_at = ? WHERE id = ?",
+                            (time.time(), job_id))
+            self.set_task_state(job_id, "stopped", final_message="cancelled")
+            row = self.job(job_id)
+            assert row is not None
+            return row, True
+
+    def finish_job(self, job_id: str, status: str, events: JobEvents, *, outputs: list[str] | None = None,
+                   duration: float | None = None, summary: dict[str, Any] | None = None,
+                   error_code: str | None = None, error_message: str | None = None) -> JobRow | None:
+        """PROCESSING -> COMPLETED or FAILED with its results, and `events`
+        (video.conversion.completed/failed) queued, in one transaction. A job
+        finishes once: None if it was not PROCESSING."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE jobs SET status = ?, progress = CASE WHEN ? = 'COMPLETED' THEN 1.0 ELSE progress END, "
+                "outputs = ?, duration = ?, summary = ?, error_code = ?, error_message = ?, completed_at = ? "
+                "WHERE id = ? AND status = 'PROCESSING'",
+                (status, status, None if outputs is None else json.dumps(outputs), duration,
+                 None if summary is None else json.dumps(summary), error_code, error_message, time.time(), job_id))
+            if cur.rowcount == 0:
+                return None
+            self.set_task_state(job_id, "stopped", final_message=error_message or status.lower())
+            row = self.job(job_id)
+            assert row is not None
+            self._enqueue(events(self, row))
+            return row
 
     # --- the delivery outbox ------------------------------------------------------
 
