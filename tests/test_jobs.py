@@ -244,6 +244,22 @@ def test_upload_runs_like_a_url_job(daemon: Daemon, red_video: Path):
     assert not files_under(daemon.data_dir / "jobs" / job["id"])  # the upload is gone once the job ended
 
 
+def test_categorize_job_summarises_the_whole_job(daemon: Daemon, files: FileServer, tmp_path: Path):
+    green = make_video(tmp_path / "green.mp4", seconds=4, green=((0.0, 4.0),), audio=False)
+    key, _ = project(daemon, "jobs-categorize")
+    job = submit(daemon, key, {"inputUrl": files.add("green.mp4", green), "outputFormats": ["source"],
+                               "segmentSeconds": 2, "categorize": True})
+    done = wait_status(daemon, key, job["id"], ENDED)
+    assert done["status"] == "COMPLETED", done
+    cat = done["categorization"]
+    assert cat["primaryCategory"] == "Sports" and cat["confidence"] >= 0.5, cat
+    assert cat["framesAnalyzed"] == 4 and abs(sum(cat["scores"].values()) - 1) < 0.01, cat
+    assert cat["categories"][0] == {"name": "Sports", "confidence": cat["confidence"], "primary": True}
+    assert done["moderation"] is None  # not asked for
+    records = job_records(daemon, key, job["id"])
+    assert all(r["data"]["data"]["categorization"]["primary_category"] == "Sports" for r in records), records
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -260,7 +276,6 @@ def test_upload_runs_like_a_url_job(daemon: Daemon, red_video: Path):
     ({"threshold": 2}, 400, "threshold"),
     ({"callbackUrl": "ftp://example.com/x"}, 400, "callbackUrl"),
     ({"inputUrl": "ftp://example.com/a.mp4"}, 400, "inputUrl"),
-    ({"categorize": True}, 422, "categorize"),
     ({"detectLogos": True}, 422, "detectLogos"),
     ({"s3Config": {"bucket": "b"}}, 422, "s3Config"),
 ])

@@ -71,8 +71,13 @@ def _stop_reading(request: web.Request) -> None:
             transport.write_eof()  # after what is buffered: the reply goes out, then FIN
         loop.call_later(REFUSE_GRACE, close)
 
-    transport.close = half_close  # type: ignore[method-assign]  # what aiohttp calls once the reply is sent
-    transport._streamguard_refusing = True  # type: ignore[attr-defined]
+    try:
+        transport.close = half_close  # type: ignore[method-assign]  # what aiohttp calls once the reply is sent
+        transport._streamguard_refusing = True  # type: ignore[attr-defined]
+    except AttributeError:
+        # uvloop's transports take no new attributes: stop reading, and let
+        # aiohttp close the connection once the reply is written.
+        transport.pause_reading()
 
 
 def _refuse(request: web.Request, error: Exception) -> Exception:

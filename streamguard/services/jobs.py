@@ -25,7 +25,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -33,6 +33,7 @@ import msgspec
 
 from ..addresses import AddressPolicy, check_host, validate_callback_url
 from ..analysis.analyzer import Analyzer
+from ..analysis.categorize import CategoryEvidence, summarize_categorization
 from ..config import Settings
 from ..delivery.worker import DeliveryWorker, envelope, new_event_id, outbox_items
 from ..errors import (AddressRefused, Conflict, FeatureUnavailable, InputInvalid, InputUnreachable,
@@ -79,9 +80,7 @@ class JobFailed(Exception):
 
 def check_features(opts: JobOptions) -> None:
     """What a job may ask for that this node cannot do yet: refused (422), never ignored.
-    The one place to change when categorization, logos or S3 output arrive."""
-    if opts.categorize:
-        raise FeatureUnavailable("categorization is not available on this node yet", details={"field": "categorize"})
+    The one place to change when logos or S3 output arrive."""
     if opts.detectLogos:
         raise FeatureUnavailable("logo detection is not available on this node yet", details={"field": "detectLogos"})
     if opts.s3Config is not None:
@@ -114,7 +113,7 @@ def job_view(row: JobRow, public_url: str) -> Job:
         renditionUrls={r: f"{base}/{r}/playlist.m3u8" for r in outputs} if done else None,
         durationSec=row.duration, segmentsCount=row.task.segments,
         moderation=msgspec.convert(moderation, ModerationSummary) if moderation is not None else None,
-        categorization=None, logoDetection=None, tokens=TokenUsage.of(row.video_tokens, row.text_tokens),
+        categorization=(row.summary or {}).get("categorization"), logoDetection=None, tokens=TokenUsage.of(row.video_tokens, row.text_tokens),
         metadata=params.get("metadata"), errorCode=row.error_code, errorMessage=row.error_message,
         createdAt=iso(row.task.created_at) or "", startedAt=iso(row.task.started_at), completedAt=iso(row.completed_at))
 
@@ -233,6 +232,8 @@ class RunningJob:
     stop: str | None = None  # a StopMode once the run must end early
     failure: JobFailed | None = None  # why it ended early (None: drain, it runs again)
     next_seq: int = 0  # segments below this are stored already (an earlier run)
+    # categorization evidence of every segment of this run (analysis/categorize.py)
+    categories: CategoryEvidence = field(default_factory=CategoryEvidence.empty)
 
 
 class JobService:
@@ -295,7 +296,7 @@ class JobService:
     async def submit(self, principal: Principal, req: JobRequest) -> JobRow:
         """POST /v1/jobs: every check, then the job is stored PENDING (201)."""
         check_features(req)
-        await self.check_admission(principal, req.moderate)
+        await self.check_admission(principal, req.moderate or req.categorize)
         await check_host(req.inputUrl, "inputUrl", AddressPolicy.for_sources(self.settings.sources))
         return await self._create(principal, req, new_id("job"), req.inputUrl, None)
 
@@ -309,7 +310,7 @@ class JobService:
     async def submit_upload(self, principal: Principal, opts: JobOptions, job_id: str, path: Path) -> JobRow:
         """POST /v1/jobs/upload, once the file is on disk: it must be video (400, by content)."""
         check_features(opts)
-        await self.check_admission(principal, opts.moderate)
+        await self.check_admission(principal, opts.moderate or opts.categorize)
         await asyncio.get_running_loop().run_in_executor(None, probe_video, path)
         return await self._create(principal, opts, job_id, "", path)
 
@@ -416,7 +417,7 @@ class JobService:
     async def _process(self, running: RunningJob) -> None:
         row = running.row
         params = row.task.params
-        if params["moderate"] and self.analyzer is None:
+        if (params["moderate"] or params.get("categorize")) and self.analyzer is None:
             raise JobFailed(INTERNAL, f"moderation is unavailable on this node: {self.model_error}")
         work = self.work_root / row.id
         staging = work / "staging"
@@ -427,6 +428,9 @@ class JobService:
         info = await self._probe(path)
         opts = PipelineOptions(segment_seconds=params["segmentSeconds"], fps=params["fps"],
                                threshold=params["threshold"], moderate=params["moderate"],
+                               categorize=bool(params.get("categorize")),
+                               top_k=self.settings.pipeline.categorization_top_k,
+                               thresholds=self.settings.pipeline.thresholds,
                                renditions=tuple(params["outputFormats"]), x264_preset=params["ffmpegPreset"])
         result = await self._ingest(running, path, info, opts, staging)
         if running.failure is not None:
@@ -482,7 +486,7 @@ class JobService:
             raise JobFailed(INPUT_INVALID, self._plain(exc.message, path)) from None
         loop = asyncio.get_running_loop()
         queue = SegmentQueue(loop)
-        analyzer = self.analyzer if opts.moderate else None
+        analyzer = self.analyzer if opts.analyze else None
 
         def emit(closed: ClosedSegment) -> None:
             queue.put(closed, lambda: running.stop is not None)
@@ -505,11 +509,15 @@ class JobService:
                 self.metrics.frames_decoded.inc(closed.frames_decoded)
                 self.metrics.frames_sampled.inc(len(closed.frames))
                 self.metrics.frames_reused.inc(closed.frames_reused)
-                if running.stop or closed.segment.index < running.next_seq:
-                    for _, fut in closed.frames:  # stored by an earlier run, or the job is ending
+                stored = closed.segment.index < running.next_seq  # by an earlier run
+                if running.stop or stored and not opts.categorize:
+                    for _, fut in closed.frames:  # nothing to store, or the job is ending
                         fut.cancel()
                     continue
-                record = await assembler.build(closed)
+                record = await assembler.build(closed)  # adds to the job's categorization evidence
+                running.categories = assembler.categories
+                if stored:
+                    continue
                 if not running.stop:
                     await self._store_segment(running, closed, record, info.duration)
         except BaseException:  # the store failed, or the run was cancelled: the ingest thread must end too
@@ -546,12 +554,20 @@ class JobService:
     async def _complete(self, running: RunningJob, result: IngestResult, staging: Path) -> None:
         row = running.row
         records = await self.store(Store.records, row.id, -1, 1_000_000)
-        summary = summarize([body for _, body in records]) if row.task.params["moderate"] else None
+        params = row.task.params
+        summary: dict[str, Any] = {}
+        if params["moderate"]:
+            summary["moderation"] = msgspec.to_builtins(summarize([body for _, body in records]))
+        if params.get("categorize"):
+            result_cat = summarize_categorization(running.categories, self.settings.pipeline.categorization_top_k)
+            if result_cat is not None:
+                elapsed = int((time.time() - (row.task.started_at or time.time())) * 1000)
+                summary["categorization"] = msgspec.to_builtins(result_cat.summary(elapsed))
         duration = last_end(records)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, publish, staging, self.media_root / row.id, self.work_root / row.id / "old")
         done = await self._finish(row, "COMPLETED", outputs=list(result.renditions), duration=duration,
-                                  summary=None if summary is None else {"moderation": msgspec.to_builtins(summary)})
+                                  summary=summary or None)
         if done is not None:
             log.info("job %s completed: %d segment(s), %.1f s", row.id, done.task.segments, duration or 0)
         await self._cleanup(row.id, keep_media=True)
