@@ -57,6 +57,12 @@ class Metrics:
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)
 
+        # Filled by the scale-out work (task leases across nodes); exported at 0
+        # until then so dashboards and alerts over it already have a series.
+        self.lease_takeovers = Counter("streamguard_lease_takeovers_total",
+                                       "Task leases taken over from another node whose lease expired "
+                                       "(filled by the scale-out work; 0 until then).", registry=r)
+
         self.disk_free_bytes = Gauge("streamguard_disk_free_bytes",
                                      "Free bytes under the data dir at the last retention sweep.", registry=r)
         self.media_deleted_bytes = Counter("streamguard_media_deleted_bytes_total",
