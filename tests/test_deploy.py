@@ -98,7 +98,7 @@ def test_helm_chart_lints_renders_and_validates_strictly(tmp_path: Path) -> None
     plain = render(helm, tmp_path, "plain")
     scale = render(helm, tmp_path, "scale", "scaleOut.enabled=true", "secrets.databaseUrl=postgresql://u:p@db/sg",
                    "tolerations[0].key=nvidia.com/gpu", "tolerations[0].operator=Exists",
-                   "nodeSelector.gpu=true")
+                   "nodeSelector.accelerator=nvidia")
     run(validate, "--strict", "--quiet", str(plain), str(scale))
     # ServiceMonitor is a CRD (no schema offline): rendered and checked by shape only.
     mon = docs(render(helm, tmp_path, "mon", "serviceMonitor.enabled=true"))["ServiceMonitor"]
@@ -128,7 +128,7 @@ def test_helm_chart_lints_renders_and_validates_strictly(tmp_path: Path) -> None
     for name in ("STREAMGUARD_STORAGE__DATABASE_URL", "STREAMGUARD_STORAGE__S3__ACCESS_KEY",
                  "STREAMGUARD_STORAGE__S3__SECRET_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
-    assert spod["tolerations"][0]["key"] == "nvidia.com/gpu" and spod["nodeSelector"] == {"gpu": "true"}
+    assert spod["tolerations"][0]["key"] == "nvidia.com/gpu" and spod["nodeSelector"] == {"accelerator": "nvidia"}
     conf = tomllib.loads(s["ConfigMap"]["data"]["streamguard.toml"])
     assert conf["storage"]["media"] == "s3" and conf["cluster"]["lease_seconds"] == LEASE_SECONDS
 
