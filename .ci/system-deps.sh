@@ -7,6 +7,7 @@
 #                                   run with Debian's /usr/bin/python3 (python3-gi)
 #   * chromium                    - headless browser for tests/test_hlsjs.py
 #   * nodejs + npm                - `npm pack hls.js` for tests/test_hlsjs.py
+#   * prometheus, systemd         - promtool, a real Prometheus, systemd-analyze (tests/test_deploy.py)
 #
 # Idempotent: when every package is already installed this exits without touching
 # apt at all (no `apt-get update`), so reruns are fast.
@@ -34,6 +35,8 @@ PACKAGES=(
   gstreamer1.0-libav          # avenc_aac
   chromium                    # headless browser for tests/test_hlsjs.py (HLS output plays in hls.js)
   curl                        # the README tour's API calls, run by tests/test_readme_tour.py
+  prometheus                  # promtool + a real Prometheus for tests/test_deploy.py (deploy/ rules, dashboard)
+  systemd                     # systemd-analyze verify of deploy/systemd/streamguard.service
 )
 
 missing=()

@@ -62,6 +62,11 @@ class Metrics:
         self.jobs_running = Gauge("streamguard_jobs_running", "File jobs running on this node.", registry=r)
         self.jobs_ended = Counter("streamguard_jobs_ended_total",
                                   "File jobs ended, by status: COMPLETED, FAILED, CANCELLED.", ["status"], registry=r)
+        # Filled by the scale-out work (task leases across nodes); exported at 0
+        # until then so dashboards and alerts over it already have a series.
+        self.lease_takeovers = Counter("streamguard_lease_takeovers_total",
+                                       "Task leases taken over from another node whose lease expired "
+                                       "(filled by the scale-out work; 0 until then).", registry=r)
 
         self.disk_free_bytes = Gauge("streamguard_disk_free_bytes",
                                      "Free bytes under the data dir at the last retention sweep.", registry=r)
