@@ -407,3 +407,36 @@ class Delivery(_Wire, kw_only=True):
     createdAt: str
     nextAttemptAt: str | None
     deliveredAt: str | None
+
+
+# --- standalone, synchronous moderation (CONTRACT §2) -------------------------------------
+
+class ModerateImageRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
+    inputUrl: str
+    threshold: Threshold = 0.30
+    thresholds: Thresholds | None = None
+    metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
+
+    def __post_init__(self) -> None:
+        check_thresholds("thresholds", self.thresholds)
+
+
+class StandaloneFlaggedFrame(_Wire, kw_only=True):
+    frameIndex: int
+    violations: list[Violation]
+
+
+class ModerationJob(_Wire, kw_only=True):
+    id: str
+    status: str
+    inputUrl: str
+    inputType: str
+    safe: bool
+    violations: list[Violation]
+    scores: dict[str, float]
+    flaggedFrames: list[StandaloneFlaggedFrame]
+    framesAnalyzed: int
+    processingTimeMs: int
+    createdAt: str
+    completedAt: str
+    metadata: dict[str, Any] | None = None

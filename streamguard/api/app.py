@@ -20,13 +20,14 @@ from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
 from .media import media, media_headers
+from .standalone import moderate_image
 from .project import get_project, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
 from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
 from .. import __version__
 from ..runtime import Runtime
 from ..schemas import (Delivery, DeliveryListQuery, ErrorEnvelope, Page, ProjectView, RecordPage, RecordQuery,
-                       SegmentRecord, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
+                       ModerateImageRequest, ModerationJob, SegmentRecord, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
 
 
 # --- the route table: router and OpenAPI from one place ------------------------------------
@@ -70,6 +71,8 @@ ROUTES: tuple[Route, ...] = (
           "New signing secret; the old one keeps signing during the grace period", None, ProjectView),
     Route("GET", "/v1/deliveries", list_deliveries, "Deliveries of records and events, newest first", None,
           Page[Delivery], DeliveryListQuery),
+    Route("POST", "/v1/moderate/image", moderate_image, "Moderate one image by URL, synchronously",
+          ModerateImageRequest, ModerationJob),
     Route("POST", "/v1/deliveries/{delivery_id}/retry", retry_delivery, "Send a delivery again", None, Delivery),
 )
 
