@@ -4,6 +4,8 @@ moderating images served by a real HTTP file server."""
 from __future__ import annotations
 
 import io
+import socket
+import time
 
 import pytest
 from PIL import Image
@@ -41,7 +43,7 @@ def test_red_image_is_violence_in_every_format(daemon, key, files, fmt):
     r = daemon.call("POST", "/v1/moderate/image", {"inputUrl": url, "metadata": {"n": 1}}, key=key)
     assert r.status == 200, r.body
     job = r.data
-    assert job["status"] == "completed" and job["inputType"] == "image" and job["inputUrl"] == url
+    assert job["status"] == "COMPLETED" and job["inputType"] == "image" and job["inputUrl"] == url
     assert job["safe"] is False and job["framesAnalyzed"] == 1
     assert [v["category"] for v in job["violations"]][0] == "violence"
     assert job["flaggedFrames"][0]["frameIndex"] == 0 and job["metadata"] == {"n": 1}
@@ -62,3 +64,89 @@ def test_truncated_image_and_text_are_400(daemon, key, files):
 def test_unreachable_is_502(daemon, key, files):
     r = daemon.call("POST", "/v1/moderate/image", {"inputUrl": files.url("/status/404")}, key=key)
     assert r.status == 502 and r.error["code"] == "STREAMGUARD_INPUT_UNREACHABLE", r.body
+
+
+def gif(colors: list[tuple[int, int, int]]) -> bytes:
+    frames = [Image.new("RGB", (64, 64), c) for c in colors]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def test_animated_gif_flags_the_red_frame(daemon, key, files):
+    # distinct greys: Pillow merges identical consecutive frames
+    url = files.add("anim.gif", gif([(128, 128, 128), (120, 120, 120), (136, 136, 136), (220, 0, 0)]))
+    job = daemon.call("POST", "/v1/moderate/image", {"inputUrl": url}, key=key).data
+    assert job["framesAnalyzed"] == 4 and job["safe"] is False
+    assert [f["frameIndex"] for f in job["flaggedFrames"]] == [3]
+
+
+def test_decompression_bomb_is_400_quickly(daemon, key, files):
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000), 0).save(buf, format="PNG")  # 400 MP in a few kB
+    url = files.add("bomb.png", buf.getvalue())
+    t0 = time.monotonic()
+    r = daemon.call("POST", "/v1/moderate/image", {"inputUrl": url}, key=key)
+    assert r.status == 400 and r.error["details"]["reason"] == "too_many_pixels", r.body
+    assert time.monotonic() - t0 < 2
+
+
+def test_batch_items_fail_one_by_one(daemon, key, files):
+    urls = [files.add("b-red.jpg", image((220, 0, 0), "JPEG")), files.url("/status/404"),
+            files.add("b-grey.png", image((128, 128, 128), "PNG"))]
+    r = daemon.call("POST", "/v1/moderate/images", {"inputUrls": urls}, key=key)
+    assert r.status == 200, r.body
+    items = r.data["batchItems"]
+    assert [i["index"] for i in items] == [0, 1, 2]
+    assert items[0]["safe"] is False and items[2]["safe"] is True
+    assert items[1]["errorMessage"] and items[0]["errorMessage"] is None
+    assert r.data["safe"] is False and r.data["framesAnalyzed"] == 2
+
+
+@pytest.mark.parametrize("count", [0, 21])
+def test_batch_size_is_1_to_20(daemon, key, files, count):
+    r = daemon.call("POST", "/v1/moderate/images", {"inputUrls": [files.url("/files/x")] * count}, key=key)
+    assert r.status == 400 and "inputUrls" in r.error["message"], r.body
+
+
+def multipart(field: str, parts: list[bytes]) -> tuple[bytes, str]:
+    boundary = "sgboundary7d3"
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"f{i}\"\r\n"
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + p + b"\r\n"
+                    for i, p in enumerate(parts))
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_uploads(daemon, key):
+    body, ctype = multipart("image", [image((220, 0, 0), "PNG")])
+    r = daemon.call("POST", "/v1/moderate/image/upload", raw=body, content_type=ctype, key=key)
+    assert r.status == 200 and r.data["safe"] is False and r.data["inputUrl"] is None, r.body
+    body, ctype = multipart("images", [image((220, 0, 0), "PNG"), image((128, 128, 128), "JPEG")])
+    r = daemon.call("POST", "/v1/moderate/images/upload", raw=body, content_type=ctype, key=key)
+    assert r.status == 200 and [i["safe"] for i in r.data["batchItems"]] == [False, True], r.body
+
+
+def test_upload_over_20_mb_is_413(daemon, key):
+    """A raw client: the 413 comes back before the 21 MB body is read."""
+    body, ctype = multipart("image", [b"\xff\xd8\xff" + b"\0" * (21 << 20)])
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall((f"POST /v1/moderate/image/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                      f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:65536])
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+
+
+def test_video_frames_spread(daemon, key, files, red_video):
+    url = files.add("red.mp4", red_video)
+    r = daemon.call("POST", "/v1/moderate/video", {"inputUrl": url, "maxFrames": 4}, key=key)
+    assert r.status == 200, r.body
+    assert r.data["inputType"] == "video" and r.data["framesAnalyzed"] == 4
+
+
+def test_green_image_is_sports(daemon, key, files):
+    url = files.add("green.png", image((0, 200, 0), "PNG"))
+    r = daemon.call("POST", "/v1/categorize/image", {"inputUrl": url, "topK": 3}, key=key)
+    assert r.status == 200, r.body
+    job = r.data
+    assert job["primaryCategory"] == "Sports" and len(job["categories"]) <= 3
+    assert abs(sum(job["scores"].values()) - 1) < 0.01

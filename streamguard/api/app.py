@@ -20,14 +20,16 @@ from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
 from .media import media, media_headers
-from .standalone import moderate_image
+from .standalone import (categorize_image, categorize_video, moderate_image, moderate_image_upload,
+                         moderate_images, moderate_images_upload, moderate_video)
 from .project import get_project, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
 from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
 from .. import __version__
 from ..runtime import Runtime
 from ..schemas import (Delivery, DeliveryListQuery, ErrorEnvelope, Page, ProjectView, RecordPage, RecordQuery,
-                       ModerateImageRequest, ModerationJob, SegmentRecord, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
+                       CategorizationJob, CategorizeRequest, ModerateImageRequest, ModerateImagesRequest,
+                       ModerateVideoRequest, ModerationJob, SegmentRecord, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
 
 
 # --- the route table: router and OpenAPI from one place ------------------------------------
@@ -73,6 +75,18 @@ ROUTES: tuple[Route, ...] = (
           Page[Delivery], DeliveryListQuery),
     Route("POST", "/v1/moderate/image", moderate_image, "Moderate one image by URL, synchronously",
           ModerateImageRequest, ModerationJob),
+    Route("POST", "/v1/moderate/image/upload", moderate_image_upload,
+          "Moderate one uploaded image (multipart `image`, 20 MB), synchronously", None, ModerationJob),
+    Route("POST", "/v1/moderate/images", moderate_images, "Moderate 1-20 images by URL; each item fails on its own",
+          ModerateImagesRequest, ModerationJob),
+    Route("POST", "/v1/moderate/images/upload", moderate_images_upload,
+          "Moderate 1-20 uploaded images (multipart `images`, repeated)", None, ModerationJob),
+    Route("POST", "/v1/moderate/video", moderate_video,
+          "Moderate a video by URL: maxFrames frames spread over its duration", ModerateVideoRequest, ModerationJob),
+    Route("POST", "/v1/categorize/image", categorize_image, "Categorize an image by URL", CategorizeRequest,
+          CategorizationJob),
+    Route("POST", "/v1/categorize/video", categorize_video, "Categorize a video by URL (maxFrames spread)",
+          CategorizeRequest, CategorizationJob),
     Route("POST", "/v1/deliveries/{delivery_id}/retry", retry_delivery, "Send a delivery again", None, Delivery),
 )
 

@@ -1,16 +1,95 @@
-"""/v1/moderate/image: standalone, synchronous moderation of one image by URL."""
+"""/v1/moderate/* and /v1/categorize/*: standalone, synchronous moderation and
+categorization of images and videos (CONTRACT §2). Each replies with the
+completed job."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
 from aiohttp import web
 
 from .envelope import ok
-from .requests import RUNTIME, decode_json
-from ..schemas import ModerateImageRequest
-from ..services.standalone import StandaloneService
+from .requests import RUNTIME, decode_json, friendly_validation
+from ..errors import InputInvalid
+from ..inputs.upload import receive_multipart
+from ..schemas import (MAX_BATCH_IMAGES, CategorizeRequest, ModerateImageRequest, ModerateImagesRequest,
+                       ModerateVideoRequest, _Moderate)
+from ..services.standalone import MAX_IMAGE_BYTES, StandaloneService
+
+STILL = 1  # a still image is one frame; an animation is spread over this many at most
+ANIMATION_FRAMES = 8
+
+
+def _service(request: web.Request) -> StandaloneService:
+    runtime = request.app[RUNTIME]
+    return StandaloneService(runtime.settings, runtime.analyzer)
 
 
 async def moderate_image(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
     req = await decode_json(request, ModerateImageRequest)
-    return ok(await StandaloneService(runtime.settings, runtime.analyzer).moderate_image(req))
+    svc = _service(request)
+    return ok(await svc.moderate_single(req, "image", req.inputUrl, svc.image_from_url(req.inputUrl, ANIMATION_FRAMES)))
+
+
+async def moderate_images(request: web.Request) -> web.Response:
+    req = await decode_json(request, ModerateImagesRequest)
+    svc = _service(request)
+    inputs = [(u, svc.image_from_url(u, ANIMATION_FRAMES, f"inputUrls[{i}]")) for i, u in enumerate(req.inputUrls)]
+    return ok(await svc.moderate_batch(req, inputs))
+
+
+async def moderate_video(request: web.Request) -> web.Response:
+    req = await decode_json(request, ModerateVideoRequest)
+    svc = _service(request)
+    return ok(await svc.moderate_single(req, "video", req.inputUrl, svc.video_from_url(req.inputUrl, req.maxFrames)))
+
+
+def _form_options(fields: dict[str, str]) -> _Moderate:
+    """threshold / thresholds / metadata sent as form values next to the files."""
+    values: dict[str, Any] = {}
+    for name in ("threshold", "thresholds", "metadata"):
+        if name in fields:
+            try:
+                values[name] = msgspec.json.decode(fields[name])
+            except msgspec.DecodeError:
+                raise InputInvalid(f"{name} must be JSON", details={"field": name}) from None
+    try:
+        return msgspec.convert(values, _Moderate)
+    except msgspec.ValidationError as exc:
+        raise friendly_validation(exc, _Moderate) from None
+
+
+async def _uploaded(request: web.Request, field: str, max_files: int, tmp: str) -> tuple[list[bytes], _Moderate]:
+    upload = await receive_multipart(request, Path(tmp), file_field=field, max_bytes=MAX_IMAGE_BYTES,
+                                     max_files=max_files)
+    return [p.read_bytes() for p in upload.files], _form_options(upload.fields)
+
+
+async def moderate_image_upload(request: web.Request) -> web.Response:
+    svc = _service(request)
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=request.app[RUNTIME].settings.data_dir) as tmp:
+        (data, *_), opts = await _uploaded(request, "image", 1, tmp)
+    return ok(await svc.moderate_single(opts, "image", None, svc.image_from_bytes(data, ANIMATION_FRAMES, "image")))
+
+
+async def moderate_images_upload(request: web.Request) -> web.Response:
+    svc = _service(request)
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=request.app[RUNTIME].settings.data_dir) as tmp:
+        files, opts = await _uploaded(request, "images", MAX_BATCH_IMAGES, tmp)
+    inputs = [(None, svc.image_from_bytes(d, ANIMATION_FRAMES, f"images[{i}]")) for i, d in enumerate(files)]
+    return ok(await svc.moderate_batch(opts, inputs))
+
+
+async def categorize_image(request: web.Request) -> web.Response:
+    req = await decode_json(request, CategorizeRequest)
+    svc = _service(request)
+    return ok(await svc.categorize(req, "image", svc.image_from_url(req.inputUrl, req.maxFrames)))
+
+
+async def categorize_video(request: web.Request) -> web.Response:
+    req = await decode_json(request, CategorizeRequest)
+    svc = _service(request)
+    return ok(await svc.categorize(req, "video", svc.video_from_url(req.inputUrl, req.maxFrames)))

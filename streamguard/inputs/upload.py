@@ -52,10 +52,15 @@ def _stop_reading(request: web.Request) -> None:
     if request.content.is_eof():  # the whole body is in: nothing to refuse reading
         return
     protocol = request.protocol
+    transport = request.transport
+    if transport is not None and not _can_patch_close(transport):
+        # uvloop's transports cannot take the half-close below: let aiohttp's own
+        # lingering close read and discard the rest (bounded by its lingering time)
+        protocol.close()
+        return
     if hasattr(protocol, "_lingering_time"):  # aiohttp's RequestHandler: no public knob per connection
         protocol._lingering_time = 0.0  # else it reads and discards the body for up to 10 s
     protocol.close()  # no keep-alive: the body's rest would be read as the next request
-    transport = request.transport
     if transport is None or getattr(transport, "_streamguard_refusing", False):
         return
     close = transport.close
@@ -73,6 +78,14 @@ def _stop_reading(request: web.Request) -> None:
 
     transport.close = half_close  # type: ignore[method-assign]  # what aiohttp calls once the reply is sent
     transport._streamguard_refusing = True  # type: ignore[attr-defined]
+
+
+def _can_patch_close(transport: object) -> bool:
+    try:
+        transport.close = transport.close  # type: ignore[attr-defined]  # read-only on uvloop's transports
+    except AttributeError:
+        return False
+    return True
 
 
 def _refuse(request: web.Request, error: Exception) -> Exception:

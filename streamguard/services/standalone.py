@@ -1,46 +1,52 @@
-"""Standalone, synchronous image moderation (CONTRACT §2, issue 11): fetch an
-image by URL, decode it off the event loop, crop it exactly like a video frame
-(media/scaler.py) and run it through the shared batcher with everything else."""
+"""Standalone, synchronous moderation and categorization (CONTRACT §2, issue
+11): fetch an image or a video by URL (or take an upload), decode it off the
+event loop into crops made exactly like stream frames (media/stills.py), run
+them through the shared batcher with everything else, and reply with the
+completed job."""
 
 from __future__ import annotations
 
 import asyncio
-import io
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
 from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping
 
-import av
 import numpy as np
 
 from ..analysis.analyzer import Analyzer
+from ..analysis.categorize import summarize_categorization
 from ..analysis.scoring import category_thresholds
 from ..config import Settings
-from ..errors import InputInvalid, Unavailable
-from ..inputs.fetch import FetchLimits, fetch_bytes
-from ..inputs.sniff import probe_image
-from ..media.scaler import CentreCropScaler
-from ..schemas import ModerateImageRequest, ModerationJob, StandaloneFlaggedFrame
+from ..errors import StreamGuardError, Unavailable
+from ..inputs.fetch import FetchLimits, download, fetch_bytes
+from ..media.stills import image_crops, video_crops
+from ..schemas import (CategorizationJob, CategorizeRequest, ModerationBatchItem, ModerationJob,
+                       StandaloneFlaggedFrame, _Moderate)
 
-MAX_IMAGE_BYTES = 20 << 20
-FETCH_TIMEOUT_S = 30.0
-
-
-def decode_image(data: bytes, size: int, field: str = "inputUrl") -> np.ndarray:
-    """The first frame of an image as a CLIP crop (size x size x 3 RGB); blocking."""
-    probe_image(data, field=field)
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            frame = next(container.decode(video=0))
-            return CentreCropScaler(size)(frame)
-    except (av.FFmpegError, StopIteration, ValueError) as exc:
-        raise InputInvalid(f"{field}: the image cannot be decoded ({exc})",
-                           details={"field": field, "reason": "undecodable"}) from None
+MAX_IMAGE_BYTES = 20 << 20  # the contract's upload limit, and the fetch limit for an image
+MAX_VIDEO_BYTES = 2 << 30
+MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is refused from its header
+FETCH_TIMEOUT_S = 60.0
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ms(t0: float) -> int:
+    return round((time.monotonic() - t0) * 1000)
+
+
+class Verdict:
+    """One input's moderation: the analyser's result in the reference's words."""
+
+    def __init__(self, safe: bool, violations: list, scores: dict[str, float],
+                 flagged: list[StandaloneFlaggedFrame], frames: int) -> None:
+        self.safe, self.violations, self.scores, self.flagged, self.frames = safe, violations, scores, flagged, frames
 
 
 class StandaloneService:
@@ -48,21 +54,117 @@ class StandaloneService:
         self.settings = settings
         self.analyzer = analyzer
 
-    async def moderate_image(self, req: ModerateImageRequest) -> ModerationJob:
+    # --- the model -------------------------------------------------------------------------
+
+    def _model(self) -> Analyzer:
         if self.analyzer is None:
-            raise Unavailable("moderation is unavailable on this node: no model loaded",
+            raise Unavailable("moderation and categorization are unavailable on this node: no model loaded",
                               details={"reason": "model_not_loaded"})
-        created, t0 = _now(), time.monotonic()
-        data = await fetch_bytes(req.inputUrl, sources=self.settings.sources,
-                                 limits=FetchLimits(max_bytes=MAX_IMAGE_BYTES, timeout=FETCH_TIMEOUT_S))
-        loop = asyncio.get_running_loop()
-        crop = await loop.run_in_executor(None, decode_image, data, self.analyzer.image_size)
-        thresholds = category_thresholds(req.threshold, self.settings.pipeline.thresholds, req.thresholds)
-        result = await self.analyzer.moderate([(Fraction(0), self.analyzer.submit(crop))], thresholds)
-        return ModerationJob(
-            id=uuid.uuid4().hex, status="completed", inputUrl=req.inputUrl, inputType="image",
-            safe=not result.has_unsafe_content, violations=result.violations, scores=result.scores,
-            flaggedFrames=[StandaloneFlaggedFrame(frameIndex=f.frame_index, violations=f.violations)
-                           for f in result.flagged_frames],
-            framesAnalyzed=result.frames_processed, processingTimeMs=round((time.monotonic() - t0) * 1000),
-            createdAt=created, completedAt=_now(), metadata=req.metadata)
+        return self.analyzer
+
+    async def _embeddings(self, crops: list[np.ndarray]) -> tuple[list, np.ndarray]:
+        analyzer = self._model()
+        frames = [(Fraction(0), analyzer.submit(c)) for c in crops]
+        return frames, await analyzer.embeddings(frames)
+
+    async def _verdict(self, crops: list[np.ndarray], thresholds: Mapping[str, float]) -> Verdict:
+        analyzer = self._model()
+        frames, emb = await self._embeddings(crops)
+        m = analyzer.moderation(frames, emb, thresholds)
+        flagged = [StandaloneFlaggedFrame(frameIndex=f.frame_index, violations=f.violations)
+                   for f in m.flagged_frames]
+        return Verdict(not m.has_unsafe_content, m.violations, m.scores, flagged, m.frames_processed)
+
+    def thresholds(self, req: _Moderate) -> dict[str, float]:
+        return category_thresholds(req.threshold, self.settings.pipeline.thresholds, req.thresholds)
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    async def image_from_url(self, url: str, max_frames: int, field: str = "inputUrl") -> list[np.ndarray]:
+        data = await fetch_bytes(url, sources=self.settings.sources,
+                                 limits=FetchLimits(max_bytes=MAX_IMAGE_BYTES, timeout=FETCH_TIMEOUT_S),
+                                 field=field)
+        return await self.image_from_bytes(data, max_frames, field)
+
+    async def image_from_bytes(self, data: bytes, max_frames: int, field: str) -> list[np.ndarray]:
+        size = self._model().image_size
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: image_crops(data, size, max_frames=max_frames, max_pixels=MAX_IMAGE_PIXELS, field=field))
+
+    async def video_from_url(self, url: str, max_frames: int) -> list[np.ndarray]:
+        size = self._model().image_size
+        with tempfile.TemporaryDirectory(prefix="standalone-", dir=self.settings.data_dir) as tmp:
+            path = Path(tmp) / "input"
+            await download(url, path, sources=self.settings.sources,
+                           limits=FetchLimits(max_bytes=MAX_VIDEO_BYTES, timeout=FETCH_TIMEOUT_S * 5))
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: video_crops(path, size, max_frames=max_frames))
+        return [c for _, c in found]
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def _job(self, input_url: str | None, input_type: str, metadata: dict[str, Any] | None) -> ModerationJob:
+        return ModerationJob(id=uuid.uuid4().hex, status="PROCESSING", inputUrl=input_url, inputType=input_type,
+                             safe=None, violations=[], scores={}, flaggedFrames=[], framesAnalyzed=0,
+                             processingTimeMs=0, createdAt=now_iso(), completedAt=None, metadata=metadata)
+
+    def _complete(self, job: ModerationJob, v: Verdict, t0: float) -> ModerationJob:
+        job.status, job.safe, job.violations, job.scores = "COMPLETED", v.safe, v.violations, v.scores
+        job.flaggedFrames, job.framesAnalyzed = v.flagged, v.frames
+        job.tokens = v.frames * self._model().tokens_per_image
+        job.processingTimeMs, job.completedAt = _ms(t0), now_iso()
+        return job
+
+    async def moderate_single(self, req: _Moderate, input_type: str, input_url: str | None, crops) -> ModerationJob:
+        """One image or video: `crops` is an awaitable of its crops."""
+        t0 = time.monotonic()
+        job = self._job(input_url, input_type, req.metadata)
+        return self._complete(job, await self._verdict(await crops, self.thresholds(req)), t0)
+
+    async def moderate_batch(self, req: _Moderate, inputs: list[tuple[str | None, Any]]) -> ModerationJob:
+        """Many images, each failing on its own: `inputs` pairs a URL (or None
+        for an upload) with an awaitable of its crops."""
+        t0 = time.monotonic()
+        thresholds = self.thresholds(req)
+        job = self._job(inputs[0][0], "image", req.metadata)
+        job.inputUrls = [u for u, _ in inputs]
+
+        async def item(index: int, url: str | None, crops) -> tuple[ModerationBatchItem, Verdict | None]:
+            ti = time.monotonic()
+            try:
+                v = await self._verdict(await crops, thresholds)
+            except StreamGuardError as exc:
+                return ModerationBatchItem(index=index, inputUrl=url, errorMessage=str(exc), processingTimeMs=_ms(ti)), None
+            return ModerationBatchItem(index=index, inputUrl=url, safe=v.safe, violations=v.violations,
+                                       scores=v.scores, flaggedFrames=v.flagged, framesAnalyzed=v.frames,
+                                       processingTimeMs=_ms(ti)), v
+
+        results = await asyncio.gather(*(item(i, u, c) for i, (u, c) in enumerate(inputs)))
+        job.batchItems = [r for r, _ in results]
+        verdicts = [v for _, v in results if v is not None]
+        if not verdicts:
+            job.status, job.errorMessage = "FAILED", "no image in the batch could be moderated"
+            job.processingTimeMs, job.completedAt = _ms(t0), now_iso()
+            return job
+        scores = {k: max(v.scores[k] for v in verdicts) for k in verdicts[0].scores}
+        names = {}
+        for v in verdicts:
+            for viol in v.violations:
+                if viol.category not in names or viol.confidence > names[viol.category].confidence:
+                    names[viol.category] = viol
+        merged = Verdict(all(v.safe for v in verdicts), sorted(names.values(), key=lambda x: -x.confidence),
+                         scores, [], sum(v.frames for v in verdicts))
+        return self._complete(job, merged, t0)
+
+    async def categorize(self, req: CategorizeRequest, input_type: str, crops) -> CategorizationJob:
+        t0, created = time.monotonic(), now_iso()
+        analyzer = self._model()
+        _, emb = await self._embeddings(await crops)
+        result = summarize_categorization(analyzer.category_evidence(emb), req.topK)
+        assert result is not None  # crops are never empty
+        return CategorizationJob(
+            id=uuid.uuid4().hex, status="COMPLETED", inputUrl=req.inputUrl, inputType=input_type,
+            primaryCategory=result.primary, confidence=result.confidence, categories=result.categories,
+            tags=result.tags, scores=result.scores, framesAnalyzed=result.frames, processingTimeMs=_ms(t0),
+            createdAt=created, completedAt=now_iso(), tokens=result.frames * analyzer.tokens_per_image,
+            metadata=req.metadata)
