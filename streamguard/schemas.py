@@ -499,3 +499,11 @@ class CategorizationJob(_Wire, kw_only=True):
     tokens: int = 0
     errorMessage: str | None = None
     metadata: dict[str, Any] | None = None
+
+
+class StandaloneJobQuery(_Wire, kw_only=True):
+    """GET /v1/moderate/jobs and /v1/categorize/jobs ?status=&page=&pageSize=."""
+
+    status: Literal["PROCESSING", "COMPLETED", "FAILED"] | UnsetType = UNSET
+    page: PageNumber = 1
+    pageSize: PageSize = 20

@@ -20,7 +20,8 @@ from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
 from .media import media, media_headers
-from .standalone import (categorize_image, categorize_video, moderate_image, moderate_image_upload,
+from .standalone import (categorize_image, categorize_video, get_categorization_job, get_moderation_job,
+                         list_categorization_jobs, list_moderation_jobs, moderate_image, moderate_image_upload,
                          moderate_images, moderate_images_upload, moderate_video)
 from .project import get_project, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
@@ -29,7 +30,7 @@ from .. import __version__
 from ..runtime import Runtime
 from ..schemas import (Delivery, DeliveryListQuery, ErrorEnvelope, Page, ProjectView, RecordPage, RecordQuery,
                        CategorizationJob, CategorizeRequest, ModerateImageRequest, ModerateImagesRequest,
-                       ModerateVideoRequest, ModerationJob, SegmentRecord, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
+                       ModerateVideoRequest, ModerationJob, SegmentRecord, StandaloneJobQuery, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
 
 
 # --- the route table: router and OpenAPI from one place ------------------------------------
@@ -87,6 +88,14 @@ ROUTES: tuple[Route, ...] = (
           CategorizationJob),
     Route("POST", "/v1/categorize/video", categorize_video, "Categorize a video by URL (maxFrames spread)",
           CategorizeRequest, CategorizationJob),
+    Route("GET", "/v1/moderate/jobs", list_moderation_jobs, "Standalone moderation jobs, newest first", None,
+          Page[ModerationJob], StandaloneJobQuery),
+    Route("GET", "/v1/moderate/jobs/{job_id}", get_moderation_job, "A standalone moderation job", None,
+          ModerationJob),
+    Route("GET", "/v1/categorize/jobs", list_categorization_jobs, "Categorization jobs, newest first", None,
+          Page[CategorizationJob], StandaloneJobQuery),
+    Route("GET", "/v1/categorize/jobs/{job_id}", get_categorization_job, "A categorization job", None,
+          CategorizationJob),
     Route("POST", "/v1/deliveries/{delivery_id}/retry", retry_delivery, "Send a delivery again", None, Delivery),
 )
 

@@ -12,10 +12,10 @@ import msgspec
 from aiohttp import web
 
 from .envelope import ok
-from .requests import RUNTIME, decode_json, friendly_validation
+from .requests import RUNTIME, decode_json, decode_query, friendly_validation, principal_of
 from ..errors import InputInvalid
 from ..inputs.upload import receive_multipart
-from ..schemas import (MAX_BATCH_IMAGES, CategorizeRequest, ModerateImageRequest, ModerateImagesRequest,
+from ..schemas import (MAX_BATCH_IMAGES, Page, StandaloneJobQuery, CategorizeRequest, ModerateImageRequest, ModerateImagesRequest,
                        ModerateVideoRequest, _Moderate)
 from ..services.standalone import MAX_IMAGE_BYTES, StandaloneService
 
@@ -25,26 +25,26 @@ ANIMATION_FRAMES = 8
 
 def _service(request: web.Request) -> StandaloneService:
     runtime = request.app[RUNTIME]
-    return StandaloneService(runtime.settings, runtime.analyzer)
+    return StandaloneService(runtime.settings, runtime.analyzer, runtime.store, runtime.delivery)
 
 
 async def moderate_image(request: web.Request) -> web.Response:
     req = await decode_json(request, ModerateImageRequest)
     svc = _service(request)
-    return ok(await svc.moderate_single(req, "image", req.inputUrl, svc.image_from_url(req.inputUrl, ANIMATION_FRAMES)))
+    return ok(await svc.moderate_single(principal_of(request), req, "image", req.inputUrl, svc.image_from_url(req.inputUrl, ANIMATION_FRAMES)))
 
 
 async def moderate_images(request: web.Request) -> web.Response:
     req = await decode_json(request, ModerateImagesRequest)
     svc = _service(request)
     inputs = [(u, svc.image_from_url(u, ANIMATION_FRAMES, f"inputUrls[{i}]")) for i, u in enumerate(req.inputUrls)]
-    return ok(await svc.moderate_batch(req, inputs))
+    return ok(await svc.moderate_batch(principal_of(request), req, inputs))
 
 
 async def moderate_video(request: web.Request) -> web.Response:
     req = await decode_json(request, ModerateVideoRequest)
     svc = _service(request)
-    return ok(await svc.moderate_single(req, "video", req.inputUrl, svc.video_from_url(req.inputUrl, req.maxFrames)))
+    return ok(await svc.moderate_single(principal_of(request), req, "video", req.inputUrl, svc.video_from_url(req.inputUrl, req.maxFrames)))
 
 
 def _form_options(fields: dict[str, str]) -> _Moderate:
@@ -72,7 +72,7 @@ async def moderate_image_upload(request: web.Request) -> web.Response:
     svc = _service(request)
     with tempfile.TemporaryDirectory(prefix="upload-", dir=request.app[RUNTIME].settings.data_dir) as tmp:
         (data, *_), opts = await _uploaded(request, "image", 1, tmp)
-    return ok(await svc.moderate_single(opts, "image", None, svc.image_from_bytes(data, ANIMATION_FRAMES, "image")))
+    return ok(await svc.moderate_single(principal_of(request), opts, "image", None, svc.image_from_bytes(data, ANIMATION_FRAMES, "image")))
 
 
 async def moderate_images_upload(request: web.Request) -> web.Response:
@@ -80,16 +80,32 @@ async def moderate_images_upload(request: web.Request) -> web.Response:
     with tempfile.TemporaryDirectory(prefix="upload-", dir=request.app[RUNTIME].settings.data_dir) as tmp:
         files, opts = await _uploaded(request, "images", MAX_BATCH_IMAGES, tmp)
     inputs = [(None, svc.image_from_bytes(d, ANIMATION_FRAMES, f"images[{i}]")) for i, d in enumerate(files)]
-    return ok(await svc.moderate_batch(opts, inputs))
+    return ok(await svc.moderate_batch(principal_of(request), opts, inputs))
 
 
 async def categorize_image(request: web.Request) -> web.Response:
     req = await decode_json(request, CategorizeRequest)
     svc = _service(request)
-    return ok(await svc.categorize(req, "image", svc.image_from_url(req.inputUrl, req.maxFrames)))
+    return ok(await svc.categorize(principal_of(request), req, "image", svc.image_from_url(req.inputUrl, req.maxFrames)))
 
 
 async def categorize_video(request: web.Request) -> web.Response:
     req = await decode_json(request, CategorizeRequest)
     svc = _service(request)
-    return ok(await svc.categorize(req, "video", svc.video_from_url(req.inputUrl, req.maxFrames)))
+    return ok(await svc.categorize(principal_of(request), req, "video", svc.video_from_url(req.inputUrl, req.maxFrames)))
+
+
+def _jobs(kind: str):
+    async def list_jobs(request: web.Request) -> web.Response:
+        query = decode_query(request, StandaloneJobQuery)
+        items, total = await _service(request).list(principal_of(request), kind, query)
+        return ok(Page(items=items, total=total, page=query.page, pageSize=query.pageSize))
+
+    async def get_job(request: web.Request) -> web.Response:
+        return ok(await _service(request).get(principal_of(request), kind, request.match_info["job_id"]))
+
+    return list_jobs, get_job
+
+
+list_moderation_jobs, get_moderation_job = _jobs("moderation")
+list_categorization_jobs, get_categorization_job = _jobs("categorization")

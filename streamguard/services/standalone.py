@@ -21,11 +21,18 @@ from ..analysis.analyzer import Analyzer
 from ..analysis.categorize import summarize_categorization
 from ..analysis.scoring import category_thresholds
 from ..config import Settings
-from ..errors import StreamGuardError, Unavailable
+from ..delivery.worker import DeliveryWorker, envelope, new_event_id, outbox_items
+from ..errors import InsufficientBalance, NotFound, StreamGuardError, Unavailable
 from ..inputs.fetch import FetchLimits, download, fetch_bytes
 from ..media.stills import image_crops, video_crops
 from ..schemas import (CategorizationJob, CategorizeRequest, ModerationBatchItem, ModerationJob,
-                       StandaloneFlaggedFrame, _Moderate)
+                       StandaloneFlaggedFrame, StandaloneJobQuery, _Moderate)
+from ..store.sqlite import AsyncStore, InsufficientBalance as StoreInsufficientBalance, Principal, Store
+
+import msgspec
+
+Job = ModerationJob | CategorizationJob
+KIND_EVENT = {"moderation": "moderation", "categorization": "categorization"}
 
 MAX_IMAGE_BYTES = 20 << 20  # the contract's upload limit, and the fetch limit for an image
 MAX_VIDEO_BYTES = 2 << 30
@@ -49,10 +56,78 @@ class Verdict:
         self.safe, self.violations, self.scores, self.flagged, self.frames = safe, violations, scores, flagged, frames
 
 
+def _save(store: Store, principal: Principal, kind: str, job: Job, event: str, cost: int) -> None:
+    """Runs on the store thread: the job, its charge and its event (to the project webhook) at once."""
+    body = msgspec.json.encode(job)
+    project = store.project(principal.project_id)
+    outbox = []
+    if project is not None:
+        data = msgspec.to_builtins(job)
+        data["jobId"] = job.id
+        event_id = new_event_id()
+        outbox = outbox_items(project, None, None, event,
+                              envelope(event, event_id, project.id, job.metadata, data), event_id)
+    store.save_standalone_job(job.id, principal.project_id, principal.key_id, kind, job.status, body, cost, outbox)
+
+
 class StandaloneService:
-    def __init__(self, settings: Settings, analyzer: Analyzer | None) -> None:
+    def __init__(self, settings: Settings, analyzer: Analyzer | None, store: AsyncStore,
+                 delivery: DeliveryWorker | None = None) -> None:
         self.settings = settings
         self.analyzer = analyzer
+        self.store = store
+        self.delivery = delivery
+
+    # --- stored jobs and their events -----------------------------------------------------
+
+    async def run(self, principal: Principal, kind: str, job: Job, work) -> Job:
+        """`work` (an awaitable filling `job`) between the started and the
+        completed/failed events; the job's tokens are charged with its result
+        (402 when the key cannot pay; the job is then FAILED)."""
+        try:
+            self._model()
+            balance = await self.store(Store.balance, principal.key_id)
+            if balance is not None and balance <= 0:
+                raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
+            await self.store(_save, principal, kind, job, f"{kind}.started", 0)
+        except BaseException:
+            work.close()
+            raise
+        try:
+            try:
+                await work
+            except StreamGuardError as exc:
+                await self._fail(principal, kind, job, str(exc))
+                raise
+            try:
+                await self.store(_save, principal, kind, job, f"{kind}.completed" if job.status == "COMPLETED"
+                                 else f"{kind}.failed", job.tokens)
+            except StoreInsufficientBalance:
+                cost = job.tokens
+                job.tokens = 0
+                await self._fail(principal, kind, job, f"insufficient balance to pay this job ({cost} tokens)")
+                raise InsufficientBalance(f"the API key cannot pay this job ({cost} tokens)",
+                                          details={"tokens": cost}) from None
+        finally:
+            if self.delivery is not None:
+                self.delivery.wake()
+        return job
+
+    async def _fail(self, principal: Principal, kind: str, job: Job, message: str) -> None:
+        job.status, job.errorMessage, job.completedAt = "FAILED", message, now_iso()
+        await self.store(_save, principal, kind, job, f"{kind}.failed", 0)
+
+    async def get(self, principal: Principal, kind: str, job_id: str) -> msgspec.Raw:
+        body = await self.store(Store.standalone_job, job_id, principal.project_id, kind)
+        if body is None:
+            raise NotFound(f"no {kind} job {job_id}")
+        return msgspec.Raw(body)
+
+    async def list(self, principal: Principal, kind: str, query: StandaloneJobQuery) -> tuple[list[msgspec.Raw], int]:
+        status = query.status or None
+        bodies, total = await self.store(Store.list_standalone_jobs, principal.project_id, kind, status,
+                                         query.page, query.pageSize)
+        return [msgspec.Raw(b) for b in bodies], total
 
     # --- the model -------------------------------------------------------------------------
 
@@ -115,19 +190,35 @@ class StandaloneService:
         job.processingTimeMs, job.completedAt = _ms(t0), now_iso()
         return job
 
-    async def moderate_single(self, req: _Moderate, input_type: str, input_url: str | None, crops) -> ModerationJob:
+    async def moderate_single(self, principal: Principal, req: _Moderate, input_type: str, input_url: str | None,
+                              crops) -> ModerationJob:
         """One image or video: `crops` is an awaitable of its crops."""
         t0 = time.monotonic()
         job = self._job(input_url, input_type, req.metadata)
-        return self._complete(job, await self._verdict(await crops, self.thresholds(req)), t0)
 
-    async def moderate_batch(self, req: _Moderate, inputs: list[tuple[str | None, Any]]) -> ModerationJob:
+        async def work() -> None:
+            self._complete(job, await self._verdict(await crops, self.thresholds(req)), t0)
+
+        try:
+            return await self.run(principal, "moderation", job, work())
+        finally:
+            crops.close()  # not awaited when the job was refused before it ran
+
+    async def moderate_batch(self, principal: Principal, req: _Moderate,
+                             inputs: list[tuple[str | None, Any]]) -> ModerationJob:
         """Many images, each failing on its own: `inputs` pairs a URL (or None
         for an upload) with an awaitable of its crops."""
-        t0 = time.monotonic()
-        thresholds = self.thresholds(req)
         job = self._job(inputs[0][0], "image", req.metadata)
         job.inputUrls = [u for u, _ in inputs]
+        try:
+            return await self.run(principal, "moderation", job, self._batch(job, req, inputs))
+        finally:
+            for _, crops in inputs:
+                crops.close()
+
+    async def _batch(self, job: ModerationJob, req: _Moderate, inputs: list[tuple[str | None, Any]]) -> None:
+        t0 = time.monotonic()
+        thresholds = self.thresholds(req)
 
         async def item(index: int, url: str | None, crops) -> tuple[ModerationBatchItem, Verdict | None]:
             ti = time.monotonic()
@@ -145,7 +236,7 @@ class StandaloneService:
         if not verdicts:
             job.status, job.errorMessage = "FAILED", "no image in the batch could be moderated"
             job.processingTimeMs, job.completedAt = _ms(t0), now_iso()
-            return job
+            return
         scores = {k: max(v.scores[k] for v in verdicts) for k in verdicts[0].scores}
         names = {}
         for v in verdicts:
@@ -154,17 +245,28 @@ class StandaloneService:
                     names[viol.category] = viol
         merged = Verdict(all(v.safe for v in verdicts), sorted(names.values(), key=lambda x: -x.confidence),
                          scores, [], sum(v.frames for v in verdicts))
-        return self._complete(job, merged, t0)
+        self._complete(job, merged, t0)
 
-    async def categorize(self, req: CategorizeRequest, input_type: str, crops) -> CategorizationJob:
-        t0, created = time.monotonic(), now_iso()
-        analyzer = self._model()
-        _, emb = await self._embeddings(await crops)
-        result = summarize_categorization(analyzer.category_evidence(emb), req.topK)
-        assert result is not None  # crops are never empty
-        return CategorizationJob(
-            id=uuid.uuid4().hex, status="COMPLETED", inputUrl=req.inputUrl, inputType=input_type,
-            primaryCategory=result.primary, confidence=result.confidence, categories=result.categories,
-            tags=result.tags, scores=result.scores, framesAnalyzed=result.frames, processingTimeMs=_ms(t0),
-            createdAt=created, completedAt=now_iso(), tokens=result.frames * analyzer.tokens_per_image,
-            metadata=req.metadata)
+    async def categorize(self, principal: Principal, req: CategorizeRequest, input_type: str,
+                         crops) -> CategorizationJob:
+        t0 = time.monotonic()
+        job = CategorizationJob(id=uuid.uuid4().hex, status="PROCESSING", inputUrl=req.inputUrl,
+                                inputType=input_type, primaryCategory=None, confidence=None, categories=[], tags=[],
+                                scores={}, framesAnalyzed=0, processingTimeMs=0, createdAt=now_iso(),
+                                completedAt=None, metadata=req.metadata)
+
+        async def work() -> None:
+            analyzer = self._model()
+            _, emb = await self._embeddings(await crops)
+            result = summarize_categorization(analyzer.category_evidence(emb), req.topK)
+            assert result is not None  # crops are never empty
+            job.status, job.primaryCategory, job.confidence = "COMPLETED", result.primary, result.confidence
+            job.categories, job.tags, job.scores, job.framesAnalyzed = (result.categories, result.tags,
+                                                                        result.scores, result.frames)
+            job.tokens = result.frames * analyzer.tokens_per_image
+            job.processingTimeMs, job.completedAt = _ms(t0), now_iso()
+
+        try:
+            return await self.run(principal, "categorization", job, work())
+        finally:
+            crops.close()
