@@ -12,6 +12,7 @@ from PIL import Image
 
 from daemon import Daemon
 from http_files import FileServer
+from receivers import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,14 @@ def files():
         yield server
 
 
+# Loopback is private: 127.0.0.1 is the allowed network, 127.0.0.2 stands for any refused address.
+RULES = {"STREAMGUARD_SOURCES__ALLOW_PRIVATE": "false", "STREAMGUARD_DELIVERY__ALLOW_PRIVATE": "true",
+         "STREAMGUARD_SOURCES__ALLOWED_NETWORKS": '["127.0.0.1/32"]'}
+
+
 @pytest.fixture(scope="module")
 def daemon(test_bundle, tmp_path_factory):
-    with Daemon(tmp_path_factory.mktemp("standalone"), test_bundle) as d:
+    with Daemon(tmp_path_factory.mktemp("standalone"), test_bundle, env=RULES) as d:
         yield d
 
 
@@ -150,3 +156,58 @@ def test_green_image_is_sports(daemon, key, files):
     job = r.data
     assert job["primaryCategory"] == "Sports" and len(job["categories"]) <= 3
     assert abs(sum(job["scores"].values()) - 1) < 0.01
+
+
+def test_stored_jobs_belong_to_their_project(daemon, key, files):
+    url = files.add("stored.png", image((128, 128, 128), "PNG"))
+    job = daemon.call("POST", "/v1/moderate/image", {"inputUrl": url}, key=key).data
+    assert job["tokens"] > 0
+    got = daemon.call("GET", f"/v1/moderate/jobs/{job['id']}", key=key)
+    assert got.status == 200 and got.data == job
+    listed = daemon.call("GET", "/v1/moderate/jobs?status=COMPLETED&pageSize=100", key=key).data
+    assert job["id"] in [j["id"] for j in listed["items"]] and listed["pageSize"] == 100
+    cat = daemon.call("POST", "/v1/categorize/image", {"inputUrl": url}, key=key).data
+    assert daemon.call("GET", f"/v1/categorize/jobs/{cat['id']}", key=key).data["id"] == cat["id"]
+    assert daemon.call("GET", f"/v1/moderate/jobs/{cat['id']}", key=key).status == 404
+    other = daemon.create_key("someone-else")
+    assert daemon.call("GET", f"/v1/moderate/jobs/{job['id']}", key=other).status == 404
+    assert daemon.call("GET", f"/v1/categorize/jobs/{cat['id']}", key=other).status == 404
+    assert daemon.call("GET", "/v1/moderate/jobs", key=other).data["total"] == 0
+
+
+def test_events_are_signed_and_delivered(daemon, files):
+    key = daemon.create_key("hooks")
+    with Receiver() as receiver:
+        put = daemon.call("PUT", "/v1/project/webhook", {"url": f"http://127.0.0.1:{receiver.port}/hook"}, key=key)
+        assert put.status == 200, put.body
+        project = put.data
+        ok_job = daemon.call("POST", "/v1/moderate/image", {"inputUrl": files.add("ev.png", image((220, 0, 0), "PNG")),
+                                                             "metadata": {"ref": "a"}}, key=key).data
+        bad = daemon.call("POST", "/v1/categorize/image", {"inputUrl": files.add("ev.txt", b"text " * 40)}, key=key)
+        assert bad.status == 400
+        wanted = {"moderation.started", "moderation.completed", "categorization.started", "categorization.failed"}
+        daemon.wait_for(lambda: wanted <= {r.event for r in receiver.unique_by_id()}, 15, "standalone events")
+        bodies = {body["event"]: body for _, body in receiver.verified(project["webhook"]["secret"])}
+    done = bodies["moderation.completed"]
+    assert done["data"]["jobId"] == ok_job["id"] and done["data"]["safe"] is False and done["metadata"] == {"ref": "a"}
+    assert bodies["categorization.failed"]["data"]["status"] == "FAILED"
+    assert bodies["categorization.failed"]["data"]["errorMessage"]
+
+
+def test_a_key_that_cannot_pay_gets_402(daemon, files):
+    url = files.add("pay.png", image((128, 128, 128), "PNG"))
+    poor = daemon.create_key("poor", balance=1)  # less than one image's tokens
+    r = daemon.call("POST", "/v1/moderate/image", {"inputUrl": url}, key=poor)
+    assert r.status == 402, r.body
+    failed = daemon.call("GET", "/v1/moderate/jobs?status=FAILED", key=poor).data["items"]
+    assert len(failed) == 1 and "balance" in failed[0]["errorMessage"]
+    empty = daemon.create_key("empty", balance=0)
+    assert daemon.call("POST", "/v1/moderate/image", {"inputUrl": url}, key=empty).status == 402
+
+
+def test_a_redirect_to_a_refused_address_is_not_followed(daemon, key, files):
+    with FileServer("127.0.0.2") as refused:
+        target = refused.add("r.png", image((220, 0, 0), "PNG"))
+        r = daemon.call("POST", "/v1/moderate/image", {"inputUrl": files.url(f"/to?url={target}")}, key=key)
+        assert r.status == 422, r.body
+        assert refused.hits == 0
