@@ -211,3 +211,37 @@ def test_a_redirect_to_a_refused_address_is_not_followed(daemon, key, files):
         r = daemon.call("POST", "/v1/moderate/image", {"inputUrl": files.url(f"/to?url={target}")}, key=key)
         assert r.status == 422, r.body
         assert refused.hits == 0
+
+
+# --- decoding, without the daemon ----------------------------------------------------------
+
+def test_spread_takes_the_middle_of_each_share():
+    from streamguard.media.stills import spread
+    assert spread(4, 8) == [0, 1, 2, 3]
+    assert spread(100, 4) == [12, 37, 62, 87]
+
+
+def test_exif_orientation_and_alpha():
+    from streamguard.media.stills import image_crops
+    # left half red, right half blue; EXIF orientation 6 (rotate 90° clockwise to display)
+    img = Image.new("RGB", (64, 32), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    crop = image_crops(buf.getvalue(), 32, max_frames=1, max_pixels=10**6)[0]
+    assert crop[4, 16, 0] > 200 and crop[28, 16, 2] > 200  # red on top, blue below once rotated
+    clear = io.BytesIO()
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(clear, format="PNG")
+    grey = image_crops(clear.getvalue(), 32, max_frames=1, max_pixels=10**6)[0]
+    assert abs(int(grey[16, 16, 0]) - 128) <= 2 and abs(int(grey[16, 16, 1]) - 128) <= 2
+
+
+def test_video_frames_at_spread_times(red_video):
+    from streamguard.inputs.sniff import probe_video
+    from streamguard.media.stills import video_crops
+    duration = probe_video(red_video).duration
+    times = [t for t, _ in video_crops(red_video, 32, max_frames=4)]
+    # each frame's own time: at or just after its target (one frame interval at most)
+    assert times == pytest.approx([duration * (i + 0.5) / 4 for i in range(4)], abs=0.05)

@@ -76,7 +76,7 @@ def image_crops(data: bytes, size: int, *, max_frames: int, max_pixels: int,
 
 
 def video_crops(path: Path, size: int, *, max_frames: int, field: str = "inputUrl") -> list[tuple[float, np.ndarray]]:
-    """Up to `max_frames` crops spread evenly over a video's duration, each
+    """Up to `max_frames` (time, crop) pairs spread evenly over a video's duration, each
     found by seeking to the keyframe before its time and decoding forward to
     it (not the whole file). InputInvalid (400) for what is not a video."""
     info = probe_video(path, field=field)
@@ -88,13 +88,14 @@ def video_crops(path: Path, size: int, *, max_frames: int, field: str = "inputUr
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         tb = stream.time_base or Fraction(1, 1000)
+        start = float((stream.start_time or 0) * tb)
         for t in times:
             container.seek(int(t / tb) + (stream.start_time or 0), stream=stream, backward=True)
-            frame = next((f for f in container.decode(stream) if f.time is None or f.time + 1e-3 >= t
-                          + float((stream.start_time or 0) * tb)), None)
+            frame = next((f for f in container.decode(stream) if f.time is None or f.time + 1e-3 >= t + start), None)
             if frame is None:
                 continue
-            out.append((t, scaler(frame, stream.sample_aspect_ratio)))
+            shown = t if frame.time is None else frame.time - start  # the frame's own time, for the caller
+            out.append((shown, scaler(frame, stream.sample_aspect_ratio)))
     if not out:
         raise _invalid(field, f"the video at {field} has no decodable frame", "undecodable")
     return out
