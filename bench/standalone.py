@@ -31,7 +31,6 @@ from http_files import FileServer  # noqa: E402
 from streamguard.analysis.analyzer import Analyzer  # noqa: E402
 from streamguard.config import load_settings  # noqa: E402
 from streamguard.media.stills import image_crops  # noqa: E402
-from streamguard.services.standalone import MAX_IMAGE_PIXELS  # noqa: E402
 
 PER_CALL = 20
 CLIENTS = 8
@@ -81,7 +80,7 @@ def through_batcher(bundle: Path, data: list[bytes], seconds: float, data_dir: P
             futures = []
             for k in range(PER_CALL):
                 crops = image_crops(data[(i + k) % len(data)], analyzer.image_size, max_frames=8,
-                                    max_pixels=MAX_IMAGE_PIXELS)
+                                    max_pixels=settings.limits.max_image_pixels)
                 futures += [analyzer.submit(c) for c in crops]
             wait(futures)
             done[0] += PER_CALL

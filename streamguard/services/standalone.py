@@ -36,7 +36,6 @@ KIND_EVENT = {"moderation": "moderation", "categorization": "categorization"}
 
 MAX_IMAGE_BYTES = 20 << 20  # the contract's upload limit, and the fetch limit for an image
 MAX_VIDEO_BYTES = 2 << 30
-MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is refused from its header
 FETCH_TIMEOUT_S = 60.0
 
 
@@ -164,7 +163,8 @@ class StandaloneService:
     async def image_from_bytes(self, data: bytes, max_frames: int, field: str) -> list[np.ndarray]:
         size = self._model().image_size
         return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: image_crops(data, size, max_frames=max_frames, max_pixels=MAX_IMAGE_PIXELS, field=field))
+            None, lambda: image_crops(data, size, max_frames=max_frames, max_pixels=self.settings.limits.max_image_pixels,
+                                     field=field))
 
     async def video_from_url(self, url: str, max_frames: int) -> list[np.ndarray]:
         size = self._model().image_size
