@@ -141,6 +141,9 @@ class LimitsSettings(_Section, kw_only=True):
     max_backlog_seconds: PosFloat = 10.0
     # SIGTERM: how long tasks get to finish their in-flight segment.
     drain_timeout: PosFloat = 90.0
+    # Standalone images with more pixels are refused (400) from their header,
+    # before decoding: a decompression bomb costs nothing.
+    max_image_pixels: Annotated[int, Meta(ge=1)] = 64_000_000
 
 
 class SourcesSettings(_Section, kw_only=True):

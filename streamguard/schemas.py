@@ -525,3 +525,103 @@ class Delivery(_Wire, kw_only=True):
     createdAt: str
     nextAttemptAt: str | None
     deliveredAt: str | None
+
+
+# --- standalone, synchronous moderation and categorization (CONTRACT §2) -------------------
+
+MaxFrames = Annotated[int, Meta(ge=1, le=16)]
+TopK = Annotated[int, Meta(ge=1, le=20)]
+MAX_BATCH_IMAGES = 20
+
+
+class _Moderate(_Wire, kw_only=True, forbid_unknown_fields=True):
+    threshold: Threshold = 0.30
+    thresholds: Thresholds | None = None
+    metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
+
+    def __post_init__(self) -> None:
+        check_thresholds("thresholds", self.thresholds)
+
+
+class ModerateImageRequest(_Moderate, kw_only=True, forbid_unknown_fields=True):
+    inputUrl: str
+
+
+class ModerateImagesRequest(_Moderate, kw_only=True, forbid_unknown_fields=True):
+    inputUrls: Annotated[list[str], Meta(min_length=1, max_length=MAX_BATCH_IMAGES)]
+
+
+class ModerateVideoRequest(_Moderate, kw_only=True, forbid_unknown_fields=True):
+    inputUrl: str
+    maxFrames: MaxFrames = 8
+
+
+class CategorizeRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
+    inputUrl: str
+    topK: TopK = 6
+    maxFrames: MaxFrames = 8  # video only
+    metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
+
+
+class StandaloneFlaggedFrame(_Wire, kw_only=True):
+    frameIndex: int  # index among the analysed frames of this input
+    violations: list[Violation]
+
+
+class ModerationBatchItem(_Wire, kw_only=True):
+    index: int
+    inputUrl: str | None
+    safe: bool | None = None
+    violations: list[Violation] = msgspec.field(default_factory=list)
+    scores: dict[str, float] = msgspec.field(default_factory=dict)
+    flaggedFrames: list[StandaloneFlaggedFrame] = msgspec.field(default_factory=list)
+    framesAnalyzed: int = 0
+    processingTimeMs: int = 0
+    errorMessage: str | None = None
+
+
+class ModerationJob(_Wire, kw_only=True):
+    id: str
+    status: str  # COMPLETED | FAILED
+    inputUrl: str | None
+    inputType: str  # image | video
+    safe: bool | None
+    violations: list[Violation]
+    scores: dict[str, float]
+    flaggedFrames: list[StandaloneFlaggedFrame]
+    framesAnalyzed: int
+    processingTimeMs: int
+    createdAt: str
+    completedAt: str | None
+    tokens: int = 0
+    batchItems: list[ModerationBatchItem] | None = None
+    inputUrls: list[str | None] | None = None
+    errorMessage: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CategorizationJob(_Wire, kw_only=True):
+    id: str
+    status: str
+    inputUrl: str
+    inputType: str
+    primaryCategory: str | None
+    confidence: float | None
+    categories: list[CategoryScore]
+    tags: list[str]
+    scores: dict[str, float]
+    framesAnalyzed: int
+    processingTimeMs: int
+    createdAt: str
+    completedAt: str | None
+    tokens: int = 0
+    errorMessage: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class StandaloneJobQuery(_Wire, kw_only=True):
+    """GET /v1/moderate/jobs and /v1/categorize/jobs ?status=&page=&pageSize=."""
+
+    status: Literal["PROCESSING", "COMPLETED", "FAILED"] | UnsetType = UNSET
+    page: PageNumber = 1
+    pageSize: PageSize = 20

@@ -21,14 +21,18 @@ from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
 from .jobs import cancel_job, create_job, get_job, job_records, list_jobs, upload_job
 from .media import media, media_headers
+from .standalone import (categorize_image, categorize_video, get_categorization_job, get_moderation_job,
+                         list_categorization_jobs, list_moderation_jobs, moderate_image, moderate_image_upload,
+                         moderate_images, moderate_images_upload, moderate_video)
 from .project import get_project, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
 from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
 from .. import __version__
 from ..runtime import Runtime
-from ..schemas import (Delivery, DeliveryListQuery, ErrorEnvelope, Job, JobListQuery, JobOptions, JobRequest, Page,
-                       ProjectView, RecordPage, RecordQuery, SegmentRecord, StreamListQuery, StreamRequest,
-                       StreamStarted, StreamTask, WebhookUpdate)
+from ..schemas import (CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
+                       JobListQuery, JobOptions, JobRequest, ModerateImageRequest, ModerateImagesRequest,
+                       ModerateVideoRequest, ModerationJob, Page, ProjectView, RecordPage, RecordQuery, SegmentRecord,
+                       StandaloneJobQuery, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
 
 
 # --- the route table: router and OpenAPI from one place ------------------------------------
@@ -86,6 +90,28 @@ ROUTES: tuple[Route, ...] = (
           "New signing secret; the old one keeps signing during the grace period", None, ProjectView),
     Route("GET", "/v1/deliveries", list_deliveries, "Deliveries of records and events, newest first", None,
           Page[Delivery], DeliveryListQuery),
+    Route("POST", "/v1/moderate/image", moderate_image, "Moderate one image by URL, synchronously",
+          ModerateImageRequest, ModerationJob),
+    Route("POST", "/v1/moderate/image/upload", moderate_image_upload,
+          "Moderate one uploaded image (multipart `image`, 20 MB), synchronously", None, ModerationJob),
+    Route("POST", "/v1/moderate/images", moderate_images, "Moderate 1-20 images by URL; each item fails on its own",
+          ModerateImagesRequest, ModerationJob),
+    Route("POST", "/v1/moderate/images/upload", moderate_images_upload,
+          "Moderate 1-20 uploaded images (multipart `images`, repeated)", None, ModerationJob),
+    Route("POST", "/v1/moderate/video", moderate_video,
+          "Moderate a video by URL: maxFrames frames spread over its duration", ModerateVideoRequest, ModerationJob),
+    Route("POST", "/v1/categorize/image", categorize_image, "Categorize an image by URL", CategorizeRequest,
+          CategorizationJob),
+    Route("POST", "/v1/categorize/video", categorize_video, "Categorize a video by URL (maxFrames spread)",
+          CategorizeRequest, CategorizationJob),
+    Route("GET", "/v1/moderate/jobs", list_moderation_jobs, "Standalone moderation jobs, newest first", None,
+          Page[ModerationJob], StandaloneJobQuery),
+    Route("GET", "/v1/moderate/jobs/{job_id}", get_moderation_job, "A standalone moderation job", None,
+          ModerationJob),
+    Route("GET", "/v1/categorize/jobs", list_categorization_jobs, "Categorization jobs, newest first", None,
+          Page[CategorizationJob], StandaloneJobQuery),
+    Route("GET", "/v1/categorize/jobs/{job_id}", get_categorization_job, "A categorization job", None,
+          CategorizationJob),
     Route("POST", "/v1/deliveries/{delivery_id}/retry", retry_delivery, "Send a delivery again", None, Delivery),
 )
 

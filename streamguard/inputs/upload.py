@@ -52,10 +52,10 @@ def _stop_reading(request: web.Request) -> None:
     if request.content.is_eof():  # the whole body is in: nothing to refuse reading
         return
     protocol = request.protocol
+    transport = request.transport
     if hasattr(protocol, "_lingering_time"):  # aiohttp's RequestHandler: no public knob per connection
         protocol._lingering_time = 0.0  # else it reads and discards the body for up to 10 s
     protocol.close()  # no keep-alive: the body's rest would be read as the next request
-    transport = request.transport
     if transport is None or getattr(transport, "_streamguard_refusing", False):
         return
     close = transport.close
@@ -76,7 +76,7 @@ def _stop_reading(request: web.Request) -> None:
         transport._streamguard_refusing = True  # type: ignore[attr-defined]
     except AttributeError:
         # uvloop's transports take no new attributes: stop reading, and let
-        # aiohttp close the connection once the reply is written.
+        # aiohttp close the connection once the reply is written (no lingering read).
         transport.pause_reading()
 
 

@@ -99,4 +99,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_queue ON jobs(status);
     """,
+    # 4: standalone, synchronous moderation and categorization jobs (issue 11)
+    """
+    CREATE TABLE standalone_jobs (
+        id TEXT PRIMARY KEY,
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        key_id TEXT NOT NULL REFERENCES api_keys(id),
+        kind TEXT NOT NULL,            -- moderation | categorization
+        status TEXT NOT NULL,          -- PROCESSING | COMPLETED | FAILED
+        body BLOB NOT NULL,            -- the job as the API shows it (JSON)
+        tokens INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX standalone_jobs_project ON standalone_jobs(project_id, kind, created_at);
+    """,
 )

@@ -372,6 +372,43 @@ class Store:
                                f"LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
         return [_task(r) for r in rows], total
 
+    # --- standalone jobs (issue 11) --------------------------------------------------
+
+    def save_standalone_job(self, job_id: str, project_id: str, key_id: str, kind: str, status: str,
+                            body: bytes, cost: int, outbox: list[OutboxItem]) -> None:
+        """A standalone job's state, its charge and its events in one
+        transaction; InsufficientBalance (nothing written) when the key cannot pay `cost`."""
+        with self._tx():
+            if cost:
+                cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
+                                      "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
+                if cur.rowcount == 0:
+                    raise InsufficientBalance(key_id)
+            self.db.execute(
+                "INSERT INTO standalone_jobs (id, project_id, key_id, kind, status, body, tokens, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
+                "body = excluded.body, tokens = tokens + excluded.tokens",
+                (job_id, project_id, key_id, kind, status, body, cost, time.time()))
+            self._enqueue(outbox)
+
+    @reads
+    def standalone_job(self, job_id: str, project_id: str, kind: str) -> bytes | None:
+        row = self.db.execute("SELECT body FROM standalone_jobs WHERE id = ? AND project_id = ? AND kind = ?",
+                              (job_id, project_id, kind)).fetchone()
+        return None if row is None else row[0]
+
+    @reads
+    def list_standalone_jobs(self, project_id: str, kind: str, status: str | None, page: int,
+                             page_size: int) -> tuple[list[bytes], int]:
+        where, args = "project_id = ? AND kind = ?", [project_id, kind]
+        if status:
+            where += " AND status = ?"
+            args.append(status)
+        total = self.db.execute(f"SELECT COUNT(*) FROM standalone_jobs WHERE {where}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT body FROM standalone_jobs WHERE {where} ORDER BY created_at DESC, id "
+                               f"LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
+        return [r[0] for r in rows], total
+
     def tasks_in_state(self, *states: str, kind: str = "stream") -> list[TaskRow]:
         marks = ", ".join("?" * len(states))
         rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN ({marks}) AND kind = ? "
