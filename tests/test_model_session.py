@@ -13,6 +13,7 @@ import pytest
 from streamguard.config import ModelSettings
 from streamguard.inference import session as session_mod
 from streamguard.inference.clip import ClipModel
+from streamguard.inference.testmodel import EMBED_DIM
 
 from test_model_scoring import frames_with_red_fraction
 
@@ -69,7 +70,7 @@ def test_damaged_cached_graph_is_rebuilt(test_bundle, tmp_path, monkeypatch):
     visual = next((cache / "ort").glob("visual-*.onnx"))
     visual.write_bytes(b"garbage")
     model = ClipModel(test_bundle, ModelSettings(providers="cpu"), cache)
-    assert model.encode_images(frames_with_red_fraction([1.0])).shape == (1, 32)
+    assert model.encode_images(frames_with_red_fraction([1.0])).shape == (1, EMBED_DIM)
     assert visual.stat().st_size > 100  # saved again
 
 
