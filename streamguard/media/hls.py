@@ -401,12 +401,17 @@ class SourceRendition(HlsRendition):
         self._segment_written(segment, (self.dir / segment_name(segment.index)).stat().st_size)
 
     def abort(self) -> None:
-        if self._out is not None:
-            try:
-                self._out.close()
-            except av.error.FFmpegError:
-                pass
-            self._out = None
+        close_quietly(self._out)
+        self._out = None
+
+
+def close_quietly(out: av.container.OutputContainer | None) -> None:
+    """Close an output being abandoned: what it fails to flush is lost with it."""
+    if out is not None:
+        try:
+            out.close()
+        except av.error.FFmpegError:
+            pass
 
 
 def master_playlist(renditions: list[HlsRendition]) -> str | None:

@@ -39,7 +39,7 @@ import av
 from av.video.frame import PictureType
 from av.video.reformatter import Interpolation, VideoReformatter
 
-from .hls import HlsRendition, LiveMedia, avc_codec_from_annexb, segment_name
+from .hls import HlsRendition, LiveMedia, avc_codec_from_annexb, close_quietly, segment_name
 from .segmenter import Segment
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,8 @@ class RungEncoder:
         _close_template(self.template)
 
     def abort(self) -> None:
-        if self._out is not None:
-            try:
-                self._out.close()
-            except av.error.FFmpegError:
-                pass
-            self._out = None
+        close_quietly(self._out)
+        self._out = None
         _close_template(self.template)
 
     def _route(self, packet: av.Packet) -> None:

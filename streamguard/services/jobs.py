@@ -23,11 +23,10 @@ import asyncio
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import msgspec
 
@@ -35,6 +34,7 @@ from ..addresses import AddressPolicy, check_host, validate_callback_url
 from ..analysis.analyzer import Analyzer
 from ..analysis.categorize import CategoryEvidence, summarize_categorization
 from ..config import Settings
+from ..threads import in_thread
 from ..delivery.worker import DeliveryWorker, envelope, new_event_id, outbox_items
 from ..errors import (AddressRefused, Conflict, FeatureUnavailable, InputInvalid, InputUnreachable,
                       InsufficientBalance, NotFound, PayloadTooLarge, StreamGuardError, Unavailable)
@@ -54,7 +54,6 @@ from .streams import Event, SegmentQueue, segment_event
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # The dispatcher also looks at the queue this often when nothing woke it
 # (another process on the same store, a job whose run ended abnormally).
@@ -201,28 +200,6 @@ def publish(staging: Path, dest: Path, trash: Path) -> None:
     os.rename(staging, dest)
     shutil.rmtree(trash, ignore_errors=True)
 
-
-def _in_thread(fn: Callable[[], T], name: str) -> "asyncio.Future[T]":
-    """Run blocking `fn` in its own thread (an ingest can run for minutes; the default executor is shared)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if not fut.done():
-            fut.set_exception(exc) if exc is not None else fut.set_result(result)
-
-    def run() -> None:
-        try:
-            result, exc = fn(), None
-        except BaseException as e:  # handed to the awaiting coroutine
-            result, exc = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:  # the loop is closed: the process is exiting
-            pass
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return fut
 
 
 @dataclass
@@ -481,7 +458,7 @@ class JobService:
         p = self.settings.pipeline
         source = MediaSource(str(path), SourceOptions(p.open_timeout, p.read_timeout, p.decode_threads))
         try:
-            await _in_thread(source.open, f"open-{row.id}")
+            await in_thread(source.open, f"open-{row.id}")
         except StreamGuardError as exc:
             raise JobFailed(INPUT_INVALID, self._plain(exc.message, path)) from None
         loop = asyncio.get_running_loop()
@@ -500,7 +477,7 @@ class JobService:
                 self.metrics.ingest_threads.dec()
                 queue.close()
 
-        done = _in_thread(run, f"ingest-{row.id}")
+        done = in_thread(run, f"ingest-{row.id}")
         # (each closed segment names the rendition its record points into: the ladder knows what it wrote)
         assembler = RecordAssembler(row.id, opts, analyzer,
                                     MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}"))

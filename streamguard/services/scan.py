@@ -25,6 +25,7 @@ from typing import Callable, TextIO, TypeVar
 
 from ..analysis.analyzer import Analyzer, resolve_model_dir
 from ..config import Settings
+from ..threads import in_thread
 from ..errors import StreamGuardError
 from ..media.source import MediaSource, SourceOptions
 from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
@@ -110,34 +111,6 @@ class ScanStop:
         await self._event.wait()
 
 
-def _in_thread(fn: Callable[[], T], name: str) -> "asyncio.Future[T]":
-    """Run blocking `fn` in a daemon thread. Unlike an executor's workers, a
-    daemon thread blocked on a silent source does not hold up the exit after a
-    stop signal."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result, exc = fn(), None
-        except BaseException as e:  # handed to the awaiting coroutine
-            result, exc = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:
-            pass  # the loop is gone: the scan ended without waiting for this thread
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return fut
-
 
 async def _unless_stopped(fut: "asyncio.Future[T]", stop: ScanStop) -> tuple[bool, T | None]:
     """(True, result) when `fut` finished first, (False, None) when a stop came first."""
@@ -193,7 +166,7 @@ class InputScan:
         """Scan to the end of the input (or a stop); the error line, if any."""
         item = self.item
         try:
-            opened, _ = await _unless_stopped(_in_thread(self.source.open, f"open-{item.task_id}"), self.stop)
+            opened, _ = await _unless_stopped(in_thread(self.source.open, f"open-{item.task_id}"), self.stop)
         except StreamGuardError as exc:
             return exc.message
         if not opened:
@@ -210,7 +183,7 @@ class InputScan:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
-        ingest_done = _in_thread(ingest, f"ingest-{item.task_id}")
+        ingest_done = in_thread(ingest, f"ingest-{item.task_id}")
         assembler = RecordAssembler(item.task_id, self.opts, self.analyzer, MediaLocator(item.task_dir, None))
         while (closed := await queue.get()) is not None:
             record = await assembler.build(closed)
@@ -231,7 +204,7 @@ def _load_analyzer(settings: Settings, model_dir: str | None) -> "asyncio.Future
         analyzer = Analyzer.create(settings, resolve_model_dir(settings, model_dir))
         analyzer.prepare()
         return analyzer
-    return _in_thread(load, "model-load")
+    return in_thread(load, "model-load")
 
 
 async def _run_inputs(scans: list[InputScan], stop: ScanStop, out: TextIO, progress: Progress) -> list[str | None]:
