@@ -1,7 +1,7 @@
 """Schema fuzzing: Schemathesis drives every operation of the daemon's own
 /openapi.json (valid and invalid inputs, with a key) against a real daemon that
 runs a real live task (nginx-rtmp + an ffmpeg publisher), so task and delivery
-routes see real ids. It must find no 5xx and no reply that breaks the document
+routes see real ids. It must find no unhandled error (500, in the daemon's log) and no reply that breaks the document
 (status, content type, response schema). Bounded: a few examples per operation
 and a time budget, well under two minutes on two cores."""
 
@@ -26,7 +26,11 @@ MAX_TIME = 45  # seconds: fuzzing repeats until the budget is spent
 # Schema-valid requests may still be refused by design (a preset rendition is 422 until
 # presets exist; 5.0 is an integer to JSON Schema but not to msgspec), so
 # positive_data_acceptance is not among them. FUZZ_CHECKS=all shows everything.
-CHECKS = os.environ.get("FUZZ_CHECKS", "not_a_server_error,status_code_conformance,content_type_conformance,"
+# not_a_server_error is left to the daemon's log (below): every unhandled error
+# on any route is logged there, while 502 STREAMGUARD_INPUT_UNREACHABLE (a
+# generated inputUrl whose host does not resolve) is the contract's answer,
+# which that check would count as a server error.
+CHECKS = os.environ.get("FUZZ_CHECKS", "status_code_conformance,content_type_conformance,"
                         "response_schema_conformance,response_headers_conformance,negative_data_rejection")
 
 
@@ -40,6 +44,7 @@ values = [{json.dumps(delivery_id)}]
 [parameters]
 "path.task_id" = {{ dictionary = "task_ids", probability = 0.5 }}
 "path.delivery_id" = {{ dictionary = "delivery_ids", probability = 0.5 }}
+
 """
 
 
@@ -70,5 +75,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(test_bundle:
                              cwd=tmp_path)
         report = run.stdout[-12000:] + run.stderr[-3000:]
         assert run.returncode == 0, f"schemathesis found problems:\n{report}\n--- daemon log ---\n{d.logs()}"
+        assert "unhandled error" not in d.logs() and "internal error" not in d.logs(), d.logs()
         # the live task lived through the fuzzing (or was stopped by it): either way its state is readable
         assert d.call("GET", f"/v1/streams/{task_id}", key=key).status == 200

@@ -141,9 +141,12 @@ async def _admit(fetch: _Fetch, url: str, hop: int) -> None:
     """Resolve `url`'s host once, refuse it (422) unless every address is
     permitted, and pin what was judged for the connection."""
     name = fetch.hop_name(hop)
-    parsed = URL(url)
-    host = _pin_key(parsed)
-    if parsed.scheme not in ("http", "https") or not host:
+    try:
+        parsed = URL(url)
+        host = _pin_key(parsed)
+    except (ValueError, UnicodeError):  # a host no encoding can carry
+        parsed, host = None, None
+    if parsed is None or parsed.scheme not in ("http", "https") or not host:
         if hop == 0:
             raise InputInvalid(f"{fetch.field} must be an http:// or https:// URL", details={"field": fetch.field})
         raise fetch.unreachable(f"{name} is not an http(s) URL", hop=hop)
@@ -319,8 +322,8 @@ async def _fetch_into(url: str, sink: _Sink, sources: SourcesSettings, limits: F
 def _check_scheme(url: str, field: str) -> None:
     try:
         parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and bool(URL(url).raw_host)
+    except (ValueError, UnicodeError):
         ok = False
     if not ok:
         raise InputInvalid(f"{field} must be an http:// or https:// URL", details={"field": field})
