@@ -332,6 +332,15 @@ class Store:
             f"SELECT id FROM api_keys WHERE id IN ({marks}) AND revoked_at IS NULL", key_ids)}
         return set(key_ids) - live
 
+    def _charge(self, key_id: str, cost: int) -> None:
+        """Take `cost` from the key's balance inside the caller's transaction;
+        InsufficientBalance when it cannot pay (an unmetered key always can)."""
+        if cost:
+            cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
+                                  "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
+            if cur.rowcount == 0:
+                raise InsufficientBalance(key_id)
+
     def balance(self, key_id: str) -> int | None:
         row = self.db.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return None if row is None else row[0]
@@ -379,11 +388,7 @@ class Store:
         """A standalone job's state, its charge and its events in one
         transaction; InsufficientBalance (nothing written) when the key cannot pay `cost`."""
         with self._tx():
-            if cost:
-                cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
-                                      "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
-                if cur.rowcount == 0:
-                    raise InsufficientBalance(key_id)
+            self._charge(key_id, cost)
             self.db.execute(
                 "INSERT INTO standalone_jobs (id, project_id, key_id, kind, status, body, tokens, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
@@ -447,11 +452,7 @@ class Store:
                        final_state: tuple[int, str] | None) -> None:
         if final_state is None and self._revoked(key_id):  # a terminal record is stored all the same
             raise KeyRevoked(key_id)
-        if cost:
-            cur = self.db.execute("UPDATE api_keys SET balance = balance - ? "
-                                  "WHERE id = ? AND (balance IS NULL OR balance >= ?)", (cost, key_id, cost))
-            if cur.rowcount == 0:
-                raise InsufficientBalance(key_id)
+        self._charge(key_id, cost)
         self.db.execute("INSERT INTO records (task_id, seq, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
                         (task_id, seq, status, body, time.time()))
         self.db.execute(
