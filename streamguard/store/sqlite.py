@@ -372,14 +372,22 @@ class Store:
     @reads
     def list_tasks(self, project_id: str, kind: str, state: str | None, page: int,
                    page_size: int) -> tuple[list[TaskRow], int]:
-        where, args = "project_id = ? AND kind = ?", [project_id, kind]
-        if state:
-            where += " AND state = ?"
-            args.append(state)
-        total = self.db.execute(f"SELECT COUNT(*) FROM tasks WHERE {where}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE {where} ORDER BY created_at DESC, id "
-                               f"LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
+        rows, total = self._page(f"SELECT {_TASK_COLS} FROM tasks", "project_id = ? AND kind = ?",
+                                 [project_id, kind], ("state", state), "created_at DESC, id", page, page_size)
         return [_task(r) for r in rows], total
+
+    def _page(self, select: str, where: str, args: list[Any], match: tuple[str, str | None], order: str,
+              page: int, page_size: int) -> tuple[list[tuple], int]:
+        """One page of `select ... WHERE where` (plus `column = value` when the
+        optional filter `match` has a value) and the count of all that match."""
+        column, value = match
+        if value:
+            where, args = f"{where} AND {column} = ?", [*args, value]
+        source = select.split(" FROM ", 1)[1]
+        total = self.db.execute(f"SELECT COUNT(*) FROM {source} WHERE {where}", args).fetchone()[0]
+        rows = self.db.execute(f"{select} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                               [*args, page_size, (page - 1) * page_size]).fetchall()
+        return rows, total
 
     # --- standalone jobs (issue 11) --------------------------------------------------
 
@@ -405,13 +413,8 @@ class Store:
     @reads
     def list_standalone_jobs(self, project_id: str, kind: str, status: str | None, page: int,
                              page_size: int) -> tuple[list[bytes], int]:
-        where, args = "project_id = ? AND kind = ?", [project_id, kind]
-        if status:
-            where += " AND status = ?"
-            args.append(status)
-        total = self.db.execute(f"SELECT COUNT(*) FROM standalone_jobs WHERE {where}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT body FROM standalone_jobs WHERE {where} ORDER BY created_at DESC, id "
-                               f"LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
+        rows, total = self._page("SELECT body FROM standalone_jobs", "project_id = ? AND kind = ?",
+                                 [project_id, kind], ("status", status), "created_at DESC, id", page, page_size)
         return [r[0] for r in rows], total
 
     def tasks_in_state(self, *states: str, kind: str = "stream") -> list[TaskRow]:
@@ -484,14 +487,8 @@ class Store:
     @reads
     def list_jobs(self, project_id: str, status: str | None, page: int,
                   page_size: int) -> tuple[list[JobRow], int]:
-        where, args = "t.project_id = ?", [project_id]
-        if status:
-            where += " AND j.status = ?"
-            args.append(status)
-        total = self.db.execute(f"SELECT COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.id WHERE {where}",
-                                args).fetchone()[0]
-        rows = self.db.execute(_JOB_SELECT + f"WHERE {where} ORDER BY t.created_at DESC, t.id LIMIT ? OFFSET ?",
-                               [*args, page_size, (page - 1) * page_size]).fetchall()
+        rows, total = self._page(_JOB_SELECT.rstrip(), "t.project_id = ?", [project_id], ("j.status", status),
+                                 "t.created_at DESC, t.id", page, page_size)
         return [_job(r) for r in rows], total
 
     def runnable_jobs(self, exclude: list[str], limit: int) -> list[JobRow]:
@@ -611,13 +608,8 @@ class Store:
     @reads
     def deliveries(self, project_id: str, status: str | None, page: int,
                    page_size: int) -> tuple[list[DeliveryRow], int]:
-        where, args = "project_id = ?", [project_id]
-        if status:
-            where += " AND status = ?"
-            args.append(status)
-        total = self.db.execute(f"SELECT COUNT(*) FROM deliveries WHERE {where}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE {where} ORDER BY n DESC "
-                               "LIMIT ? OFFSET ?", [*args, page_size, (page - 1) * page_size]).fetchall()
+        rows, total = self._page(f"SELECT {_DELIVERY_COLS} FROM deliveries", "project_id = ?", [project_id],
+                                 ("status", status), "n DESC", page, page_size)
         return [DeliveryRow(*r) for r in rows], total
 
     @reads
