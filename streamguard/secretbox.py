@@ -57,6 +57,7 @@ class SecretBox:
 
     def rotate(self, token: str) -> str:
         """The same secret under the current key."""
+        self.open(token)  # refuses, saying why, a token no configured key opens
         return PREFIX + self._fernet.rotate(token[len(PREFIX):].encode()).decode()
 
 

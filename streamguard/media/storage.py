@@ -246,6 +246,50 @@ def upload_tree(storage: MediaStorage, local_dir: Path, key_prefix: str, *, conc
     return stats
 
 
+class TreeUpload:
+    """A job's tree going up while it is written: closed files as they come
+    (`submit`, from any thread, never blocking), everything else at the end
+    (`finish`, which also uploads again what failed on the way); only then
+    the playlists, so a reader of the bucket never meets a playlist before
+    its segments. A refusal that retrying cannot mend (credentials, bucket,
+    permission) stops the uploads still queued."""
+
+    def __init__(self, storage: MediaStorage, local_dir: Path, concurrency: int = 4) -> None:
+        self.storage = storage
+        self.local_dir = Path(local_dir)
+        self.concurrency = concurrency
+        self.stored: set[str] = set()
+        self.failed: StorageError | None = None
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload")
+        self._futures: list = []
+
+    def submit(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            key = Path(path).relative_to(self.local_dir).as_posix()
+            self._futures.append(self._pool.submit(self._put, key, Path(path)))
+
+    def _put(self, key: str, path: Path) -> None:
+        if self.failed is not None and not self.failed.retryable:
+            return
+        try:
+            self.storage.put_file(key, path)
+            self.stored.add(key)
+        except StorageError as err:
+            self.failed = err
+
+    def finish(self) -> UploadStats:
+        """Blocking: wait for the uploads on the way, then upload the rest."""
+        wait(self._futures)
+        self._pool.shutdown()
+        if self.failed is not None and not self.failed.retryable:
+            raise self.failed
+        return upload_tree(self.storage, self.local_dir, "", concurrency=self.concurrency,
+                           done=lambda key: key in self.stored)
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 # --- a live task's files as they close ----------------------------------------------------------
 
 @dataclass

@@ -113,4 +113,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX standalone_jobs_project ON standalone_jobs(project_id, kind, created_at);
     """,
+    # 5: S3 output (issue 13): a project's default and a job's own, as JSON
+    # whose secret key is sealed (secretbox: encrypted at rest)
+    """
+    ALTER TABLE projects ADD COLUMN storage TEXT;
+    ALTER TABLE jobs ADD COLUMN storage TEXT;
+    """,
 )
