@@ -38,14 +38,14 @@ from live_servers import publishing  # noqa: E402
 from receivers import Receiver  # noqa: E402
 from s3_server import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedS3  # noqa: E402
 from test_hlsjs import _summary, chromium, hlsjs, play_in_hlsjs  # noqa: E402,F401  (fixtures and the player)
-from test_jobs import get_job, job_records, wait_status  # noqa: E402
+from test_jobs import files, get_job, hook, job_records, multipart, wait_status  # noqa: E402,F401  (fixtures too)
 from videos import make_video  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
 WRONG_SECRET = "sgWRONG-secret-9e8d7c6b5a"  # must not leak either
 CDN = "https://cdn.example.test/vod"
-RETRY_SECONDS = 30  # one object's retry budget: longer than the 10 s outage plus weed's restart
+RETRY_SECONDS = 20  # one object's retry budget: longer than the 10 s outage plus weed's restart (~3 s)
 SEG = 2
 
 # Every reply body and header the module's daemons sent, for the final leak check.
@@ -72,18 +72,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def files():
-    with FileServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def hook():
-    with Receiver() as rx:
-        yield rx
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path):
     env = {"STREAMGUARD_JOBS__CONCURRENCY": "3", "STREAMGUARD_DELIVERY__ALLOW_PRIVATE": "true",
            "STREAMGUARD_STORAGE__S3__RETRY_SECONDS": str(RETRY_SECONDS), "STREAMGUARD_SERVER__ACCESS_LOG": "true"}
@@ -92,10 +80,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, test_bundle: Path):
 
 
 @pytest.fixture(scope="module")
-def clip_url(files: FileServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 s of 640x360 with audio: 4 segments of 2 s, a 360p rung of the same size."""
-    path = make_video(tmp_path_factory.mktemp("s3-videos") / "clip.mp4", seconds=8, width=640, height=360)
-    return files.add("clip.mp4", path)
+    return make_video(tmp_path_factory.mktemp("s3-videos") / "clip.mp4", seconds=8, width=640, height=360)
+
+
+@pytest.fixture(scope="module")
+def clip_url(files: FileServer, clip_path: Path) -> str:
+    return files.add("clip.mp4", clip_path)
 
 
 def s3_config(s3: SeaweedS3, **over: Any) -> dict:
@@ -212,7 +204,8 @@ def test_job_tree_in_the_bucket_plays_from_it(daemon: Daemon, s3: SeaweedS3, hoo
     assert completed[0]["data"]["outputUrl"] == done["outputUrl"]
 
 
-def test_project_default_with_cdn_url(daemon: Daemon, s3: SeaweedS3, hook: Receiver, clip_url: str):
+def test_project_default_with_cdn_url(daemon: Daemon, s3: SeaweedS3, hook: Receiver, clip_url: str,
+                                      clip_path: Path):
     key, secret = new_project(daemon, "s3-default", hook)
     reply = daemon.call("PUT", "/v1/project/storage", s3_config(s3, prefix="defaults/", cdnUrl=CDN), key=key)
     assert reply.status == 200, reply.body
@@ -241,6 +234,15 @@ def test_project_default_with_cdn_url(daemon: Daemon, s3: SeaweedS3, hook: Recei
                                "s3Config": s3_config(s3, prefix="own/")})
     assert wait_status(daemon, key, own["id"], ("COMPLETED", "FAILED"), timeout=90)["outputUrl"] == \
         s3.url("own/master.m3u8")
+
+    # POST /v1/jobs/upload takes s3Config as a JSON form value
+    body, ctype = multipart({"outputFormats": '["source"]', "segmentSeconds": str(SEG),
+                             "s3Config": json.dumps(s3_config(s3, prefix="uploaded/"))},
+                            "clip.mp4", clip_path.read_bytes())
+    reply = daemon.call("POST", "/v1/jobs/upload", raw=body, content_type=ctype, key=key)
+    assert reply.status == 201, reply.body
+    assert wait_status(daemon, key, reply.data["id"], ("COMPLETED", "FAILED"), timeout=90)["outputUrl"] == \
+        s3.url("uploaded/master.m3u8")
 
     # at rest: the database holds the secret sealed, never in clear
     db = b"".join(p.read_bytes() for p in daemon.data_dir.glob("streamguard.db*"))
@@ -317,9 +319,14 @@ def test_live_task_on_an_s3_node(s3: SeaweedS3, rtmp, test_bundle: Path, tmp_pat
         d.wait_for(lambda: len(d.records(task, key)) >= 3, 60, "three records")
         state = d.call("GET", f"/v1/streams/{task}", key=key).data
         assert state["playlist_url"] == f"{base}/master.m3u8"
-        # while running: the bucket's playlist lists only objects that are there, and plays
-        tree = listed_tree(base)
-        assert [p for p in tree if p.endswith(".ts")], tree
+        # while running: each look at the bucket's playlists finds every object they list already
+        # there (objects are only added while it runs: a later listing holds all an earlier playlist named)
+        for _ in range(6):
+            tree = listed_tree(base)
+            assert [p for p in tree if p.endswith(".ts")], tree
+            missing = {f"live/{task}/{p}" for p in tree} - s3.keys(f"live/{task}/")
+            assert not missing, missing
+            time.sleep(0.5)
         status, headers, _ = fetch(f"{base}/source/playlist.m3u8")
         assert status == 200 and headers.get("Cache-Control") == "public, max-age=1", headers
         status, headers, _ = fetch(f"{base}/source/segment_000.ts")

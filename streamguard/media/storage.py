@@ -206,7 +206,8 @@ def tree_phases(local_dir: Path) -> list[list[Path]]:
     the rendition playlists, then the master playlist (hidden temp files are
     not media)."""
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    media = [p for p in files if p.suffix != ".m3u8"]
+    # largest first: the phase ends with small files, not with one big one still going up alone
+    media = sorted((p for p in files if p.suffix != ".m3u8"), key=lambda p: -p.stat().st_size)
     playlists = [p for p in files if p.suffix == ".m3u8" and p.parent != local_dir]
     masters = [p for p in files if p.suffix == ".m3u8" and p.parent == local_dir]
     return [phase for phase in (media, playlists, masters) if phase]
