@@ -15,7 +15,7 @@ from .config import Settings
 from .services.deliveries import DeliveryService
 from .delivery.worker import DeliveryWorker
 from .media.retention import DiskSpace, MediaRetention
-from .media.storage import LocalStorage, node_storage
+from .media.storage import LocalStorage, MediaStorage, StorageError, node_storage
 from .metrics import Metrics
 from .services.projects import ProjectService
 from .secretbox import SecretBox
@@ -48,6 +48,16 @@ async def load_analyzer(settings: Settings, model_dir: str | None,
     return analyzer, None
 
 
+async def check_media_storage(storage: MediaStorage) -> None:
+    """At start, off the event loop: say at once when the node's bucket
+    cannot be used (credentials, bucket, endpoint), not at the first segment."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, storage.check)
+        log.info("media storage: %s", storage.url(""))
+    except StorageError as err:
+        log.error("media storage (storage.media = %r) cannot be used: %s", storage.kind, err.message)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -64,6 +74,7 @@ class Runtime:
     jobs: JobService
     model_error: str | None = None
     _housekeeping: asyncio.Task | None = None
+    _storage_check: asyncio.Task | None = None
 
     @property
     def public_url(self) -> str:
@@ -102,6 +113,8 @@ class Runtime:
                       DeliveryService(store, delivery), time.time(),
                       disk, retention, jobs, model_error)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
+        if storage.kind != LocalStorage.kind:
+            runtime._storage_check = asyncio.create_task(check_media_storage(storage), name="storage-check")
         return runtime
 
     async def _housekeeping_loop(self) -> None:
@@ -135,8 +148,9 @@ class Runtime:
                      self.settings.storage.retention_days)
 
     async def close(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
+        for task in (self._housekeeping, self._storage_check):
+            if task is not None:
+                task.cancel()
         await asyncio.gather(self.streams.drain(), self.jobs.drain())
         await self.delivery.close()
         if self.analyzer is not None:

@@ -106,9 +106,13 @@ class S3Storage(MediaStorage):
             retries={"total_max_attempts": 1},  # the backoff is ours (_retry): one budget per object
             max_pool_connections=max(10, concurrency * 4))
         session = boto3.session.Session()
-        self.client = session.client("s3", endpoint_url=target.endpoint or None,
-                                     aws_access_key_id=target.access_key or None,
-                                     aws_secret_access_key=target.secret_key or None, config=config)
+        try:
+            self.client = session.client("s3", endpoint_url=target.endpoint or None,
+                                         aws_access_key_id=target.access_key or None,
+                                         aws_secret_access_key=target.secret_key or None, config=config)
+        except (ValueError, bex.BotoCoreError) as exc:  # an endpoint botocore cannot use
+            raise StorageError("endpoint", f"the S3 endpoint {target.endpoint!r} cannot be used: "
+                                           f"{target.scrub(str(exc))}") from None
         mb = 1024 * 1024
         self.transfer = TransferConfig(multipart_threshold=multipart_mb * mb, multipart_chunksize=multipart_mb * mb,
                                        max_concurrency=concurrency, use_threads=True)

@@ -325,6 +325,7 @@ class MediaMirror:
         self.key_prefix = key_prefix
         self.on_failure = on_failure
         self.stats = MirrorStats()
+        self._lock = threading.Lock()  # stats are counted from the ingest thread and the worker
         self._queue: queue.Queue = queue.Queue()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"mirror-{self.task_dir.name}", daemon=True)
@@ -342,8 +343,12 @@ class MediaMirror:
         self._put(_Put(self.key(path), data=text.encode()))
 
     def _put(self, item: _Put) -> None:
-        self.stats.pending += 1
+        self._count("pending", 1)
         self._queue.put(item)
+
+    def _count(self, name: str, n: int) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _CLOSE:
@@ -355,18 +360,18 @@ class MediaMirror:
                     else:
                         assert item.path is not None
                         self.storage.put_file(item.key, item.path, live=True)
-                    self.stats.uploaded += 1
+                    self._count("uploaded", 1)
                     break
                 except FileNotFoundError:
                     break  # deleted meanwhile (retention): nothing to publish
                 except StorageError as err:
-                    self.stats.failures += 1
+                    self._count("failures", 1)
                     self.on_failure(err)
                     if self._closing.wait(delay) or not err.retryable:
                         log.error("media of %s: %s not stored: %s", self.task_dir.name, item.key, err.message)
                         break
                     delay = min(delay * 2, 30.0)
-            self.stats.pending -= 1
+            self._count("pending", -1)
 
     def close(self, timeout: float) -> bool:
         """Flush what is queued (at most `timeout` seconds), then stop. True

@@ -462,11 +462,13 @@ class JobService:
         except ConfigError as exc:
             raise JobFailed(UPLOAD_FAILED, f"the job's S3 settings cannot be read on this node: {exc.message}") from None
         s3 = self.settings.storage.s3
-        storage = open_s3(outputs.target(config), s3)
+        storage = None
         try:
+            storage = open_s3(outputs.target(config), s3)
             await in_thread(storage.check, f"s3-check-{row.id}")
         except StorageError as err:
-            storage.close()
+            if storage is not None:
+                storage.close()
             self.metrics.upload_failures.labels(err.reason).inc()
             raise JobFailed(UPLOAD_FAILED, err.message) from None
         return TreeUpload(storage, staging, s3.concurrency)
