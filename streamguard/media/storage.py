@@ -252,8 +252,10 @@ class TreeUpload:
     (`submit`, from any thread, never blocking), everything else at the end
     (`finish`, which also uploads again what failed on the way); only then
     the playlists, so a reader of the bucket never meets a playlist before
-    its segments. A refusal that retrying cannot mend (credentials, bucket,
-    permission) stops the uploads still queued."""
+    its segments. The first upload that fails past its retries stops the
+    ones still queued (a store that is gone costs one retry budget, not one
+    per file); `finish` then tries the rest once more, unless the store
+    refused for good (credentials, bucket, permission)."""
 
     def __init__(self, storage: MediaStorage, local_dir: Path, concurrency: int = 4) -> None:
         self.storage = storage
@@ -270,7 +272,7 @@ class TreeUpload:
             self._futures.append(self._pool.submit(self._put, key, Path(path)))
 
     def _put(self, key: str, path: Path) -> None:
-        if self.failed is not None and not self.failed.retryable:
+        if self.failed is not None:  # the store failed past its retries: `finish` tries once more, not each file
             return
         try:
             self.storage.put_file(key, path)
