@@ -380,6 +380,57 @@ def test_retention_deletes_in_the_bucket(s3: SeaweedS3, tmp_path: Path):
     assert s3.keys("retention/stopped/") == set()
 
 
+def test_local_storage_is_the_media_root(tmp_path: Path):
+    """The other implementation of the interface: the media root, served under /media."""
+    from streamguard.media.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path / "media", "http://node:8080/media/")
+    src = tmp_path / "segment.ts"
+    src.write_bytes(b"\x47" * 376)
+    storage.put_file("tsk_1/source/segment_000.ts", src)
+    storage.put_bytes("tsk_1/source/playlist.m3u8", b"#EXTM3U\n", live=True)
+    assert storage.get_bytes("tsk_1/source/playlist.m3u8") == b"#EXTM3U\n" and storage.get_bytes("tsk_1/x") is None
+    assert [(o.key, o.size) for o in storage.list_objects("tsk_1")] == [
+        ("tsk_1/source/playlist.m3u8", 8), ("tsk_1/source/segment_000.ts", 376)]
+    assert storage.url("tsk_1/master.m3u8") == "http://node:8080/media/tsk_1/master.m3u8"
+    written = tmp_path / "media" / "tsk_1" / "source" / "segment_000.ts"
+    storage.put_file("tsk_1/source/segment_000.ts", written)  # written in place: nothing to copy
+    storage.delete_keys(["tsk_1/source/segment_000.ts"])
+    assert not written.exists()
+    assert storage.delete_prefix("tsk_1") == 1 and not (tmp_path / "media" / "tsk_1").exists()
+    with pytest.raises(ValueError):
+        storage.put_bytes("../outside", b"x")
+
+
+def test_a_store_gone_for_good_costs_one_retry_budget(tmp_path: Path):
+    """A job's uploads on the way stop at the first one that fails past its
+    retries, and the end tries once more: bounded, not one budget per file."""
+    from streamguard.media.s3 import S3Storage
+    from streamguard.media.storage import S3Target, StorageError, TreeUpload
+
+    class Counting(S3Storage):
+        calls = 0
+
+        def put_file(self, key: str, path: Path, *, live: bool = False) -> None:
+            Counting.calls += 1
+            super().put_file(key, path, live=live)
+
+    gone = Counting(S3Target(bucket=BUCKET, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                             endpoint=f"http://127.0.0.1:{free_port()}"), retry_seconds=1.5)
+    (tmp_path / "source").mkdir()
+    files = []
+    for i in range(24):
+        files.append(tmp_path / "source" / f"segment_{i:03d}.ts")
+        files[-1].write_bytes(b"\x47" * 188)
+    upload = TreeUpload(gone, tmp_path, concurrency=2)
+    upload.submit(files)
+    with pytest.raises(StorageError) as err:
+        upload.finish()
+    assert err.value.reason == "endpoint" and "unreachable" in err.value.message
+    # the two on their way when the store failed, then at most a few more at the end (not 2 x 24)
+    assert Counting.calls <= 6, Counting.calls
+
+
 def test_rotate_secret_key(tmp_path: Path):
     """Stored secrets are re-encrypted with a new key; the old key can then go."""
     import os
