@@ -26,10 +26,10 @@ from .standalone import (categorize_image, categorize_video, get_categorization_
                          moderate_images, moderate_images_upload, moderate_video)
 from .project import get_project, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
-from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
+from .streams import get_stream, list_alerts, list_streams, start_stream, stop_stream, stream_alerts, stream_records
 from .. import __version__
 from ..runtime import Runtime
-from ..schemas import (CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
+from ..schemas import (AlertPage, AlertQuery, CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
                        JobListQuery, JobOptions, JobRequest, ModerateImageRequest, ModerateImagesRequest,
                        ModerateVideoRequest, ModerationJob, Page, ProjectView, RecordPage, RecordQuery, SegmentRecord,
                        StandaloneJobQuery, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
@@ -71,6 +71,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/streams/{task_id}/records", stream_records,
           "Stored per-segment records after a segment_index, in segment order", None, RecordPage[SegmentRecord],
           RecordQuery),
+    Route("GET", "/v1/streams/{task_id}/alerts", stream_alerts,
+          "A stream task's frame-level alerts (stream.alert) after an alert_index, oldest first", None, AlertPage,
+          AlertQuery),
+    Route("GET", "/v1/alerts", list_alerts,
+          "The project's frame-level alerts (stream.alert) after an alert_index, oldest first: poll with "
+          "after=next_after", None, AlertPage, AlertQuery),
     Route("POST", "/v1/jobs", create_job, "Submit a file job by URL (201, PENDING)", JobRequest, Job, status=201),
     Route("POST", "/v1/jobs/upload", upload_job,
           "Submit a file job by upload: multipart `video` plus POST /v1/jobs's fields as form values "
