@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from .console import console_asset, console_page
 from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
@@ -61,6 +62,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", openapi, "This document", auth=False),
     Route("GET", "/media/{path:.+}", media, "HLS playlists, segments and thumbnails the daemon wrote",
           auth=False, content_types=("application/vnd.apple.mpegurl", "video/mp2t", "image/jpeg")),
+    Route("GET", "/console", console_page, "The operator's web console (sign in with an API key)", auth=False,
+          content_types=("text/html",)),
+    Route("GET", "/console/{name:.+}", console_asset,
+          "The console's script, style sheet and vendored hls.js", auth=False,
+          content_types=("text/javascript", "text/css", "text/plain")),
     Route("POST", "/v1/streams", start_stream, "Start moderating a live stream", StreamRequest, StreamStarted),
     Route("GET", "/v1/streams", list_streams, "List stream tasks, newest first", None, Page[StreamTask],
           StreamListQuery),
