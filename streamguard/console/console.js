@@ -475,9 +475,20 @@ function jsonField(form, name) {
 
 const listField = (form, name) => form.elements[name].value.split(",").map((s) => s.trim()).filter(Boolean);
 
-async function startStream(event) {
+// Form submissions: the body's fields, the form's metadata JSON, then the new item selected.
+async function submit(event, kind, path, fields) {
   event.preventDefault();
-  const f = event.target;
+  const body = fields(event.target);
+  const metadata = jsonField(event.target, "metadata");
+  if (metadata !== undefined) body.metadata = metadata;
+  const created = await api("POST", path, body);
+  const id = kind === "stream" ? created.task_id : created.id;
+  say(`${kind === "stream" ? "started" : "submitted"} ${id}`);
+  await refreshLists();
+  select({ kind, id });
+}
+
+function streamFields(f) {
   const body = { url: f.elements.url.value.trim(),
     enable_content_moderation: f.elements.enable_content_moderation.checked,
     enable_categorization: f.elements.enable_categorization.checked,
@@ -488,27 +499,12 @@ async function startStream(event) {
     body.alert_cooldown_seconds = Number(f.elements.alert_cooldown_seconds.value);
   }
   if (f.elements.callback_url.value.trim()) body.callback_url = f.elements.callback_url.value.trim();
-  const metadata = jsonField(f, "metadata");
-  if (metadata !== undefined) body.metadata = metadata;
-  const started = await api("POST", "/v1/streams", body);
-  say(`started ${started.task_id}`);
-  await refreshLists();
-  select({ kind: "stream", id: started.task_id });
+  return body;
 }
 
-async function submitJob(event) {
-  event.preventDefault();
-  const f = event.target;
-  const body = { inputUrl: f.elements.inputUrl.value.trim(), outputFormats: listField(f, "outputFormats"),
-    ffmpegPreset: f.elements.ffmpegPreset.value, moderate: f.elements.moderate.checked,
-    categorize: f.elements.categorize.checked };
-  const metadata = jsonField(f, "metadata");
-  if (metadata !== undefined) body.metadata = metadata;
-  const job = await api("POST", "/v1/jobs", body);
-  say(`submitted ${job.id}`);
-  await refreshLists();
-  select({ kind: "job", id: job.id });
-}
+const jobFields = (f) => ({ inputUrl: f.elements.inputUrl.value.trim(), outputFormats: listField(f, "outputFormats"),
+  ffmpegPreset: f.elements.ffmpegPreset.value, moderate: f.elements.moderate.checked,
+  categorize: f.elements.categorize.checked });
 
 // Form handlers report failures on the status line.
 const reporting = (fn) => async (event) => {
@@ -525,8 +521,8 @@ const reporting = (fn) => async (event) => {
 $("#signin").addEventListener("submit", signIn);
 $("#signout").addEventListener("click", () => signOut());
 $("#stop").addEventListener("click", guard(stopSelected));
-$("#start-form").addEventListener("submit", reporting(startStream));
-$("#job-form").addEventListener("submit", reporting(submitJob));
+$("#start-form").addEventListener("submit", reporting((e) => submit(e, "stream", "/v1/streams", streamFields)));
+$("#job-form").addEventListener("submit", reporting((e) => submit(e, "job", "/v1/jobs", jobFields)));
 $("#deliveries-refresh").addEventListener("click", guard(refreshDeliveries));
 $("#quality").addEventListener("change", (e) => {
   if (state.hls) state.hls.currentLevel = Number(e.target.value);
