@@ -84,6 +84,7 @@ const state = {
   alerts: [], // newest first
   hls: null,
   playlist: null, // the path loaded in the player
+  current: null, // the segment last sought to
   timers: [],
   generation: 0, // bumps on every selection: late replies for an old one are dropped
 };
@@ -175,6 +176,7 @@ function select(selection) {
   state.item = null;
   state.records = [];
   state.recordsAfter = -1;
+  state.current = null;
   loadPlayer(null);
   $("#timeline").replaceChildren();
   $("#flagged").replaceChildren();
@@ -262,6 +264,7 @@ function renderRecords() {
       "data-segment": String(d.segment_index), "data-severity": severity,
       onclick: () => seekTo(d.segment_index, Number(d.start_time)) });
     if (alerted.has(d.segment_index)) b.classList.add("alerting");
+    if (state.current === d.segment_index) b.classList.add("current");
     b.style.width = `${((Number(d.end_time) - Number(d.start_time)) / span) * 100}%`;
     return b;
   }));
@@ -383,6 +386,7 @@ function seekTo(index, time) {
   const video = $("#player");
   video.currentTime = playerTime(index, time) + 0.05;
   video.play().catch(() => {});
+  state.current = index;
   for (const b of document.querySelectorAll("#timeline button")) {
     b.classList.toggle("current", b.dataset.segment === String(index));
   }
@@ -421,26 +425,34 @@ function drawPlayerLogos(index, t, frag) {
 
 // --- alerts --------------------------------------------------------------------------------------
 
+// The first poll after sign-in catches up quietly (the newest ALERTS_SHOWN are
+// listed); later ones announce each new alert.
 async function pollAlerts() {
-  for (let pages = 0; pages < 10; pages += 1) {
-    const page = await api("GET", `/v1/alerts?after=${state.alertsAfter}&limit=100`);
-    if (!page.items.length) return;
+  const catchingUp = state.alertsAfter === 0 && !state.alerts.length;
+  const limit = catchingUp ? 1000 : 100;
+  let forSelected = false;
+  for (let pages = 0; pages < 200; pages += 1) {
+    const page = await api("GET", `/v1/alerts?after=${state.alertsAfter}&limit=${limit}`);
     state.alertsAfter = page.next_after;
     for (const a of page.items) {
       state.alerts.unshift(a);
-      $("#alerts").prepend(alertCard(a));
-      say(`alert: ${a.category} on ${a.task_id} at ${a.time} s`);
+      forSelected = forSelected || Boolean(state.selected && a.task_id === state.selected.id);
+      if (!catchingUp) {
+        $("#alerts").prepend(alertCard(a, true));
+        say(`alert: ${a.category} on ${a.task_id} at ${a.time} s`);
+      }
     }
     state.alerts.length = Math.min(state.alerts.length, 1000);
-    while ($("#alerts").childElementCount > ALERTS_SHOWN) $("#alerts").lastElementChild.remove();
-    if (state.selected && page.items.some((a) => a.task_id === state.selected.id)) renderRecords();
-    if (page.items.length < 100) return;
+    if (page.items.length < limit) break;
   }
+  if (catchingUp) $("#alerts").replaceChildren(...state.alerts.slice(0, ALERTS_SHOWN).map((a) => alertCard(a, false)));
+  while ($("#alerts").childElementCount > ALERTS_SHOWN) $("#alerts").lastElementChild.remove();
+  if (forSelected) renderRecords(); // its segments get their alert marks, its frames their pictures
 }
 
-function alertCard(a) {
+function alertCard(a, fresh) {
   const path = mediaPath(a.frame_url);
-  return el("li", { class: "new", "data-task": a.task_id, "data-category": a.category,
+  return el("li", { class: fresh ? "new" : "", "data-task": a.task_id, "data-category": a.category,
     onclick: () => { if (!state.selected || state.selected.id !== a.task_id) select({ kind: "stream", id: a.task_id }); } },
   el("strong", { text: `${a.category} ${fmt(a.confidence)} (${a.severity})` }),
   path ? el("div", { class: "frame" }, el("img", { src: path, alt: `alert frame at ${a.time} s` })) : null,
