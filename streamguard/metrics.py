@@ -53,6 +53,13 @@ class Metrics:
         self.prompt_tokens = Counter("streamguard_prompt_tokens_encoded_total",
                                      "Prompt tokens the node encoded for itself (shared prompt embeddings); "
                                      "charged to no tenant.", registry=r)
+        self.alerts = Counter("streamguard_alerts_total",
+                              "Frame-level alerts raised (stream.alert), by moderation category.", ["category"],
+                              registry=r)
+        self.alert_latency = Histogram(
+            "streamguard_alert_latency_seconds",
+            "Time from a frame being sampled to its alert being stored for delivery.", buckets=LATENCY_BUCKETS,
+            registry=r)
         self.tasks_shed = Counter("streamguard_tasks_shed_total",
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)
