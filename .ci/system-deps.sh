@@ -5,7 +5,8 @@
 #   * nginx + libnginx-mod-rtmp   - real RTMP server (module: /usr/lib/nginx/modules/ngx_rtmp_module.so)
 #   * GStreamer RTSP server       - real RTSP server driven by tests/rtsp_server.py,
 #                                   run with Debian's /usr/bin/python3 (python3-gi)
-#   * chromium                    - headless browser for tests/test_hlsjs.py
+#   * chromium                    - headless browser for tests/test_hlsjs.py and the console's
+#                                   tests/test_console.py (driven by Playwright from PyPI, no browser download)
 #   * nodejs + npm                - `npm pack hls.js` for tests/test_hlsjs.py
 #   * prometheus, systemd         - promtool, a real Prometheus, systemd-analyze (tests/test_deploy.py)
 #
@@ -33,7 +34,7 @@ PACKAGES=(
   gstreamer1.0-plugins-bad    # h264parse
   gstreamer1.0-plugins-ugly   # x264enc
   gstreamer1.0-libav          # avenc_aac
-  chromium                    # headless browser for tests/test_hlsjs.py (HLS output plays in hls.js)
+  chromium                    # headless browser: tests/test_hlsjs.py (HLS plays in hls.js), tests/test_console.py
   curl                        # the README tour's API calls, run by tests/test_readme_tour.py
   prometheus                  # promtool + a real Prometheus for tests/test_deploy.py (deploy/ rules, dashboard)
   systemd                     # systemd-analyze verify of deploy/systemd/streamguard.service

@@ -58,6 +58,13 @@ class Metrics:
             "Media uploads to S3 storage that failed after their retries, by reason (credentials, bucket, "
             "endpoint, access, refused); a live task's upload is tried again, a job's ends it UPLOAD_FAILED.",
             ["reason"], registry=r)
+        self.alerts = Counter("streamguard_alerts_total",
+                              "Frame-level alerts raised (stream.alert), by moderation category.", ["category"],
+                              registry=r)
+        self.alert_latency = Histogram(
+            "streamguard_alert_latency_seconds",
+            "Time from a frame being sampled to its alert being stored for delivery.", buckets=LATENCY_BUCKETS,
+            registry=r)
         self.tasks_shed = Counter("streamguard_tasks_shed_total",
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)

@@ -240,9 +240,9 @@ HttpUrl = Annotated[str, Meta(min_length=1, max_length=4096, pattern="^https?://
                               description="an http:// or https:// URL")]
 
 # Webhook and callback event names (CONTRACT §2, §4).
-StreamEvent = Literal["stream.started", "stream.stopped", "stream.segment"]
+StreamEvent = Literal["stream.started", "stream.stopped", "stream.segment", "stream.alert"]
 EventName = Literal[
-    "stream.started", "stream.stopped", "stream.segment",
+    "stream.started", "stream.stopped", "stream.segment", "stream.alert",
     "video.conversion.started", "video.conversion.completed", "video.conversion.failed",
     "moderation.started", "moderation.completed", "moderation.failed",
     "categorization.started", "categorization.completed", "categorization.failed",
@@ -283,8 +283,17 @@ class StreamRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
         default_factory=lambda: ["source"])
     callback_url: HttpUrl | None = None
     metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
+    # Frame-level alerts (CONTRACT §4): a sampled frame scoring at or above this for a
+    # moderation category sends `stream.alert` at once; absent, no alerts.
+    alert_threshold: Annotated[float, Meta(ge=0, le=1, description=(
+        "send stream.alert as soon as a sampled frame scores at least this for a moderation category "
+        "(needs enable_content_moderation); absent: no alerts"))] | None = None
+    alert_cooldown_seconds: Annotated[float, Meta(ge=1, le=3600, description=(
+        "at most one alert per category per this many timeline seconds"))] = 10
 
     def __post_init__(self) -> None:
+        if self.alert_threshold is not None and not self.enable_content_moderation:
+            raise FieldInvalid("alert_threshold", "alert_threshold needs enable_content_moderation: true")
         check_unique("renditions", self.renditions)
         check_metadata(self.metadata)
         check_thresholds("thresholds", self.thresholds)
@@ -323,6 +332,43 @@ class StreamTask(_Wire, kw_only=True):
     created_at: str
     started_at: str | None
     stopped_at: str | None
+
+
+class StreamAlert(_Wire, kw_only=True):
+    """`data` of a stream.alert event (CONTRACT §4): one sampled frame of a live
+    task at or above its alert_threshold for one category, sent before the
+    frame's segment closes."""
+
+    task_id: str
+    category: str
+    confidence: float
+    severity: str
+    time: str  # timeline seconds, three decimals
+    segment_index: int  # of the segment open when the frame was sampled
+    frame_url: str  # a JPEG of the whole frame, under /media/
+
+
+class AlertItem(StreamAlert, kw_only=True):
+    """A stored alert as GET /v1/streams/{task_id}/alerts and GET /v1/alerts list
+    it: the event's data plus its place in the list (`alert_index`, the
+    `after` cursor), its event id and when it was raised."""
+
+    alert_index: int
+    eventId: str
+    created_at: str
+
+
+class AlertPage(_Wire, kw_only=True):
+    items: list[AlertItem]
+    next_after: int  # poll again with after=next_after
+
+
+class AlertQuery(_Wire, kw_only=True):
+    """GET /v1/alerts and /v1/streams/{task_id}/alerts ?after=&limit=: alerts
+    with alert_index > after, oldest first."""
+
+    after: Annotated[int, Meta(ge=0, le=2**62)] = 0
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
 
 
 # --- S3 output (CONTRACT §8) ----------------------------------------------------

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("live_capacity.py", ("--model", "--shape-real", "--static-share", "--no-reuse")),
     ("scan_throughput.py", ("--model", "--shape-real")),
     ("shape_real.py", ("--kind", "--check-reuse")),
+    ("alerts.py", ("--streams", "--baseline", "--seconds")),
     ("upload.py", ("--seconds", "--runs", "--concurrency", "--multipart-mb")),
 ])
 def test_bench_help(script, needles):

@@ -335,3 +335,10 @@ def test_scan_output_plays_in_hlsjs(tmp_path: Path, cli, hlsjs: Path, chromium: 
     assert r["ended"] or r["max_current_time"] >= 11.0, info
     assert r["max_current_time"] >= 11.0, info
     assert r["done_reason"] == "ended", info
+
+
+def test_console_serves_the_pinned_hlsjs(hlsjs: Path) -> None:
+    """The console's vendored hls.js (streamguard/console/vendor/) is byte for byte
+    dist/hls.min.js of the pinned release, whose tarball matched its registry hash."""
+    vendored = HERE.parent / "streamguard" / "console" / "vendor" / "hls.min.js"
+    assert vendored.read_bytes() == hlsjs.read_bytes(), f"{vendored} is not hls.js {HLSJS_VERSION}"

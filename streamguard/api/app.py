@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from .console import console_asset, console_page
 from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
@@ -26,10 +27,10 @@ from .standalone import (categorize_image, categorize_video, get_categorization_
                          moderate_images, moderate_images_upload, moderate_video)
 from .project import delete_storage, get_project, put_storage, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
-from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
+from .streams import get_stream, list_alerts, list_streams, start_stream, stop_stream, stream_alerts, stream_records
 from .. import __version__
 from ..runtime import Runtime
-from ..schemas import (CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
+from ..schemas import (AlertPage, AlertQuery, CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
                        JobListQuery, JobOptions, JobRequest, ModerateImageRequest, ModerateImagesRequest,
                        ModerateVideoRequest, ModerationJob, Page, ProjectView, RecordPage, RecordQuery, S3Config, SegmentRecord,
                        StandaloneJobQuery, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
@@ -61,6 +62,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", openapi, "This document", auth=False),
     Route("GET", "/media/{path:.+}", media, "HLS playlists, segments and thumbnails the daemon wrote",
           auth=False, content_types=("application/vnd.apple.mpegurl", "video/mp2t", "image/jpeg")),
+    Route("GET", "/console", console_page, "The operator's web console (sign in with an API key)", auth=False,
+          content_types=("text/html",)),
+    Route("GET", "/console/{name:.+}", console_asset,
+          "The console's script, style sheet and vendored hls.js", auth=False,
+          content_types=("text/javascript", "text/css", "text/plain")),
     Route("POST", "/v1/streams", start_stream, "Start moderating a live stream", StreamRequest, StreamStarted),
     Route("GET", "/v1/streams", list_streams, "List stream tasks, newest first", None, Page[StreamTask],
           StreamListQuery),
@@ -71,6 +77,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/streams/{task_id}/records", stream_records,
           "Stored per-segment records after a segment_index, in segment order", None, RecordPage[SegmentRecord],
           RecordQuery),
+    Route("GET", "/v1/streams/{task_id}/alerts", stream_alerts,
+          "A stream task's frame-level alerts (stream.alert) after an alert_index, oldest first", None, AlertPage,
+          AlertQuery),
+    Route("GET", "/v1/alerts", list_alerts,
+          "The project's frame-level alerts (stream.alert) after an alert_index, oldest first: poll with "
+          "after=next_after", None, AlertPage, AlertQuery),
     Route("POST", "/v1/jobs", create_job, "Submit a file job by URL (201, PENDING)", JobRequest, Job, status=201),
     Route("POST", "/v1/jobs/upload", upload_job,
           "Submit a file job by upload: multipart `video` plus POST /v1/jobs's fields as form values "

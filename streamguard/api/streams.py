@@ -9,7 +9,7 @@ from aiohttp import web
 from .envelope import iso, json_response, ok
 from .requests import RUNTIME, decode_json, decode_query, principal_of
 from ..runtime import Runtime
-from ..schemas import (Page, RecordPage, RecordQuery, StreamListQuery, StreamRequest, StreamStarted,
+from ..schemas import (AlertItem, AlertPage, AlertQuery, Page, RecordPage, RecordQuery, StreamListQuery, StreamRequest, StreamStarted,
                        StreamStartedData, StreamTask, TaskCounters)
 from ..store.sqlite import TaskRow
 
@@ -67,3 +67,20 @@ def record_page(rows: list[tuple[int, bytes]], query: RecordQuery, *, ended: boo
     exhausted = ended and len(rows) < query.limit
     next_after = None if exhausted else (rows[-1][0] if rows else query.after)
     return RecordPage(items=[msgspec.Raw(body) for _, body in rows], next_after=next_after)
+
+
+async def list_alerts(request: web.Request) -> web.Response:
+    """GET /v1/alerts: the project's alerts after a cursor (the console polls it)."""
+    return await _alerts(request, None)
+
+
+async def stream_alerts(request: web.Request) -> web.Response:
+    return await _alerts(request, request.match_info["task_id"])
+
+
+async def _alerts(request: web.Request, task_id: str | None) -> web.Response:
+    query = decode_query(request, AlertQuery)
+    rows = await request.app[RUNTIME].streams.alerts(principal_of(request), task_id, query)
+    items = [AlertItem(alert_index=n, eventId=event_id, created_at=iso(created) or "",
+                       **msgspec.json.decode(data)) for n, event_id, data, created in rows]
+    return ok(AlertPage(items=items, next_after=rows[-1][0] if rows else query.after))

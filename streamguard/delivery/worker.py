@@ -72,8 +72,10 @@ def envelope(event: str, event_id: str, project_id: str, metadata: Any, data: An
 
 
 def outbox_items(project: Project, task_id: str | None, callback_url: str | None, event: str,
-                 body: bytes, event_id: str) -> list[OutboxItem]:
-    return [OutboxItem(event_id, project.id, task_id, url, event, body)
+                 body: bytes, event_id: str, stream: str | None = None) -> list[OutboxItem]:
+    """One item per destination; `stream` names an ordering scope of its own
+    within the task (OutboxItem.stream)."""
+    return [OutboxItem(event_id, project.id, task_id, url, event, body, stream)
             for url in destinations(project, callback_url, event)]
 
 

@@ -462,19 +462,33 @@ def write_master(task_dir: Path, renditions: list[HlsRendition], written: str | 
     return text or written
 
 
-def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640, publish: Publisher | None = None) -> None:
-    """JPEG of a decoded frame, scaled in swscale to at most max_width (and published)."""
+# A live task's alert frames (services/alerts.py), beside its renditions.
+ALERTS_DIR = "alerts"
+
+
+def still(frame: av.VideoFrame, max_width: int = 640) -> av.VideoFrame:
+    """A decoded frame scaled in swscale to at most max_width, ready for JPEG
+    (yuvj420p): the whole picture, not the model's crop."""
     w, h = frame.width, frame.height
     if w > max_width:
         w, h = max_width, max(2, round(h * max_width / w / 2) * 2)
-    small = frame.reformat(width=w, height=h, format="yuvj420p")
+    return frame.reformat(width=w, height=h, format="yuvj420p")
+
+
+def write_jpeg(small: av.VideoFrame, path: Path) -> None:
+    """JPEG of a `still`, written atomically (a reader never sees half a file)."""
     ctx = av.CodecContext.create("mjpeg", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuvj420p"
+    ctx.width, ctx.height, ctx.pix_fmt = small.width, small.height, "yuvj420p"
     ctx.time_base = Fraction(1, 25)
     ctx.options = {"qmin": "2", "qmax": "6"}
     data = b"".join(bytes(p) for p in ctx.encode(small)) + b"".join(bytes(p) for p in ctx.encode(None))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640, publish: Publisher | None = None) -> None:
+    """JPEG of a decoded frame, scaled in swscale to at most max_width (and published)."""
+    write_jpeg(still(frame, max_width), path)
     if publish is not None:
         publish.file_written(path)

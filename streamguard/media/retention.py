@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .hls import segment_name
+from .hls import ALERTS_DIR, segment_name
 from .storage import MediaStorage, StorageError
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,9 @@ class MediaRetention:
         read first and a window only slides forward, so nothing it lists, now
         or later, is deleted."""
         for rendition in (d for d in task_dir.iterdir() if d.is_dir()):
+            if rendition.name == ALERTS_DIR:
+                self._trim_alerts(rendition, cutoff, result)
+                continue
             first = first_listed(rendition / PLAYLIST)
             if first is None:
                 continue  # nothing listed yet: nothing has slid out either
@@ -227,6 +230,20 @@ class MediaRetention:
             delete(self.mirror)
         except StorageError as err:
             log.warning("media retention: not deleted from the media storage: %s", err.message)
+
+    @staticmethod
+    def _trim_alerts(folder: Path, cutoff: float, result: SweepResult) -> None:
+        """A running task's alert frames older than the cut-off (few: at most one
+        per category per cooldown)."""
+        for entry in os.scandir(folder):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime < cutoff:
+                Path(entry.path).unlink(missing_ok=True)
+                result.files_deleted += 1
+                result.bytes_freed += st.st_size
 
     def _remove(self, task_dir: Path, result: SweepResult) -> None:
         size = tree_size(task_dir)

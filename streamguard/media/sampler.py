@@ -43,6 +43,7 @@ NEG_INF = -(2**62)
 class SampledFrame:
     time: Fraction  # timeline seconds
     crop: np.ndarray  # uint8 RGB, size x size x 3
+    frame: av.VideoFrame | None = None  # the decoded frame it was cut from (a reference, no copy)
 
 
 @dataclass
@@ -179,7 +180,7 @@ class FrameSampler:
             self.on_first_frame = None
         if self.fps:
             self.stats.frames_sampled += 1
-            self.on_sample(SampledFrame(t, self.scale(frame, self.ctx.sample_aspect_ratio)))
+            self.on_sample(SampledFrame(t, self.scale(frame, self.ctx.sample_aspect_ratio), frame))
             self._set_target(Fraction(math.floor(t * self.fps) + 1, self.fps))
         else:
             self._set_target(None)

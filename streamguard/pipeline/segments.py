@@ -47,7 +47,7 @@ from ..analysis.analyzer import Analyzer, TextTokenMeter
 from ..analysis.categorize import DEFAULT_TOP_K, CategoryEvidence, summarize_categorization
 from ..analysis.scoring import category_thresholds
 from ..errors import StreamGuardError
-from ..media.hls import (HlsRendition, LiveMedia, Publisher, SourceRendition, segment_name, write_master,
+from ..media.hls import (HlsRendition, LiveMedia, Publisher, SourceRendition, segment_name, still, write_master,
                          write_thumbnail)
 from ..media.ladder import PRESETS, EncodedRendition, Ladder, is_preset, plan_ladder
 from ..media.sampler import FrameSampler, SampledFrame, SamplerStats
@@ -99,6 +99,18 @@ class ClosedSegment:
     @property
     def frames_encoded(self) -> int:
         return len(self.frames) - self.frames_reused
+
+
+@dataclass(frozen=True)
+class SubmittedFrame:
+    """A sampled frame on its way to the model, for what acts per frame rather
+    than per segment (a live task's alerts: services/alerts.py)."""
+
+    time: Fraction  # timeline seconds
+    segment_index: int  # the segment open when it was sampled
+    embedding: Future  # the batcher's (or the reused frame's) embedding
+    still: av.VideoFrame  # the whole frame, at most 640 wide: a JPEG is made only if it alerts
+    sampled_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -163,15 +175,18 @@ class SegmentPipeline:
 
     def __init__(self, opts: PipelineOptions, task_dir: Path, analyzer: Analyzer | None,
                  emit: Callable[[ClosedSegment], None], *, next_index: int = 0,
-                 timeline_start: Fraction = Fraction(0), live: LiveMedia | None = None) -> None:
+                 timeline_start: Fraction = Fraction(0), live: LiveMedia | None = None,
+                 on_frame: Callable[[SubmittedFrame], None] | None = None) -> None:
         self.opts = opts
         self.task_dir = Path(task_dir)
         self.task_dir.mkdir(parents=True, exist_ok=True)
         self.analyzer = analyzer
         self.emit = emit
         self.next_index = next_index
+        self.open_index = next_index  # the segment being cut now (ahead of next_index while rungs finish)
         self.timeline_end = timeline_start
         self.live = live
+        self.on_frame = on_frame  # called in the ingest thread for each sampled frame
         # The source remux, when asked for (or when nothing else was).
         self.rendition: SourceRendition | None = None
         if "source" in opts.renditions or not any(is_preset(r) for r in opts.renditions):
@@ -237,12 +252,7 @@ class SegmentPipeline:
         analyzer = self.analyzer
         self.frames = frames = []
         self._reused = 0
-
-        def on_sample(sample: SampledFrame) -> None:
-            assert self.reuse is not None
-            fut, reused = self.reuse.submit(sample.crop)
-            frames.append((sample.time, fut))
-            self._reused += reused
+        self.open_index = self.next_index
 
         def on_first_frame(frame: av.VideoFrame) -> None:
             self._write_thumbnail(frame)
@@ -250,7 +260,7 @@ class SegmentPipeline:
         sampler = FrameSampler(
             video, fps=self.opts.fps if analyzer is not None else None,
             size=analyzer.image_size if analyzer is not None else 224,
-            on_sample=on_sample, on_first_frame=on_first_frame if self._thumbnail else None,
+            on_sample=self._submit, on_first_frame=on_first_frame if self._thumbnail else None,
         )
         self._thumbnail = False
         segmenter = Segmenter(self.opts.segment_seconds, video.time_base, self.next_index, self.timeline_end)
@@ -290,7 +300,7 @@ class SegmentPipeline:
             reused, self._reused = self._reused, 0
             self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired, reused))
             self.segments += 1
-            self.next_index = segment.index + 1
+            self.next_index = self.open_index = segment.index + 1
             self.timeline_end = segment.end
             self.frames = frames = []
 
@@ -387,6 +397,16 @@ class SegmentPipeline:
         self.next_index = seg.index + 1
         self.timeline_end = seg.end
 
+    def _submit(self, sample: SampledFrame) -> None:
+        """A sampled frame of the open segment goes to the model (or reuses
+        the last encoded frame's embedding); per-frame watchers hear of it."""
+        assert self.reuse is not None
+        fut, reused = self.reuse.submit(sample.crop)
+        self.frames.append((sample.time, fut))
+        self._reused += reused
+        if self.on_frame is not None and sample.frame is not None:
+            self.on_frame(SubmittedFrame(sample.time, self.open_index, fut, still(sample.frame)))
+
     @property
     def _publish(self) -> Publisher | None:
         return self.live.publish if self.live is not None else None
@@ -465,7 +485,7 @@ class _LadderRun:
         self.sampler = FrameSampler(
             video, fps=opts.fps if analyzer is not None else None,
             size=analyzer.image_size if analyzer is not None else 224,
-            on_sample=self._on_sample, on_first_frame=self._thumbnail if pipe._thumbnail else None)
+            on_sample=pipe._submit, on_first_frame=self._thumbnail if pipe._thumbnail else None)
         pipe._thumbnail = False
         segmenter = Segmenter(opts.segment_seconds, video.time_base, pipe.next_index, pipe.timeline_end)
         # With the remux, packets are cut (at keyframes); without, frames are.
@@ -476,17 +496,12 @@ class _LadderRun:
         self.waiting.clear()
         pipe.frames = []
         pipe._reused = 0
+        pipe.open_index = pipe.next_index
         self.decoded = 0  # frames of the open segment
         self.packets = 0  # video packets fed to the decoder for the open segment
         self.first = True  # the next frame starts this connection's first segment
         self.after_jump = False
         self.repairs = RepairTally(pipe.rendition, source)
-
-    def _on_sample(self, sample: SampledFrame) -> None:
-        assert self.pipe.reuse is not None
-        fut, reused = self.pipe.reuse.submit(sample.crop)
-        self.pipe.frames.append((sample.time, fut))
-        self.pipe._reused += reused
 
     def _thumbnail(self, frame: av.VideoFrame) -> None:
         self.pipe._write_thumbnail(frame)
@@ -597,6 +612,7 @@ class _LadderRun:
                                      self.repairs.take(), jump_after))
         pipe.frames = []
         pipe._reused = 0
+        pipe.open_index = segment.index + 1
         self.decoded = self.packets = 0
         return segment.index + 1
 

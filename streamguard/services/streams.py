@@ -40,11 +40,12 @@ from ..media.source import SourceOptions
 from ..metrics import Metrics
 from ..media.ladder import is_preset
 from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
-from ..schemas import (STATUS_CAPACITY, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
+from ..schemas import (STATUS_CAPACITY, AlertQuery, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
                       RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, encoder, status_record)
 from ..store import AsyncStore
 from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
 from ..store.sqlite import KeyRevoked, OutboxItem, Principal, Store, TaskRow, new_id
+from .alerts import AlertWatcher
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class PreparedTask:
     queue: SegmentQueue
     make_pipeline: Callable[[int, Fraction], SegmentPipeline]
     supervisor: list[LiveSupervisor]  # emit's view of the supervisor, bound in _run
+    alerts: AlertWatcher | None = None  # frame-level alerts (alert_threshold set)
     mirror: MediaMirror | None = None
 
 
@@ -245,6 +247,18 @@ class StreamService:
         row = await self.get(principal, task_id)
         return row, await self.store(Store.records, row.id, query.after, query.limit)
 
+    async def alerts(self, principal: Principal, task_id: str | None,
+                     query: AlertQuery) -> list[tuple[int, str, bytes, float]]:
+        """Stored alerts (alert_index, event id, data, created) after `query.after`,
+        oldest first: the project's, or one task's (404 for another project's)."""
+        if task_id is not None:
+            await self.get(principal, task_id)
+        return await self.store(Store.alerts, principal.project_id, task_id, query.after, query.limit)
+
+    def locator(self, task_id: str) -> MediaLocator:
+        """Where a task's media is written and the URL it is served under."""
+        return MediaLocator(self.media_root / task_id, f"{self.public_url}/media/{task_id}")
+
     def playlist_url(self, task_id: str) -> str:
         return self.storage.url(f"{task_id}/master.m3u8")
 
@@ -344,6 +358,10 @@ class StreamService:
                                renditions=tuple(req.renditions), x264_preset=LIVE_X264_PRESET)
         task_dir = self.media_root / row.id
         supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
+        alerts = None
+        if req.alert_threshold is not None and analyzer is not None:
+            alerts = AlertWatcher(row, req.alert_threshold, req.alert_cooldown_seconds, analyzer.scorer,
+                                  self.locator(row.id), self.store, self.delivery, self.metrics, loop)
         live, mirror = self.live_media, None
         if self.storage.kind != LocalStorage.kind:
             task_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +377,8 @@ class StreamService:
 
         def make_pipeline(next_index: int, timeline_start: Fraction) -> SegmentPipeline:
             pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=next_index,
-                                       timeline_start=timeline_start, live=live)
+                                       timeline_start=timeline_start, live=live,
+                                       on_frame=alerts.watch if alerts is not None else None)
             probe = task_dir / ".writable"  # fail now, not at the first segment
             probe.write_bytes(b"")
             probe.unlink()
@@ -371,7 +390,7 @@ class StreamService:
             if mirror is not None:
                 mirror.close(0)
             raise
-        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, supervisor, mirror)
+        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, supervisor, alerts, mirror)
 
     def _run(self, prepared: PreparedTask) -> None:
         """Start a prepared task's ingest thread and record consumer."""
@@ -413,6 +432,7 @@ class StreamService:
             except RuntimeError:  # the loop is closed: the process is exiting
                 pass
 
+        # records point at the node's media storage (alert frames stay under /media: locator)
         assembler = RecordAssembler(row.id, prepared.opts, prepared.analyzer,
                                     MediaLocator(self.media_root / row.id, self.storage.url(row.id)))
         task.consumer = asyncio.create_task(self._consume(task, assembler), name=f"records-{row.id}")
@@ -648,5 +668,7 @@ class StreamService:
                 # In the background: a store that cannot take it yet must not hold the daemon's start.
                 self._background(self._store_end(row, row.next_seq, end), f"task {row.id}: terminal record")
                 continue
+            if prepared.alerts is not None:  # its cooldowns carry on
+                prepared.alerts.restore(await self.store(Store.last_alert_times, row.id))
             self._run(prepared)
         return len(rows)

@@ -113,7 +113,24 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX standalone_jobs_project ON standalone_jobs(project_id, kind, created_at);
     """,
-    # 5: S3 output (issue 13): a project's default and a job's own, as JSON
+    # 5: frame-level alerts of live tasks (issue 15): the `stream.alert` events as
+    # listed by GET /v1/alerts; `n` is the list's `after` cursor.
+    """
+    CREATE TABLE alerts (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        project_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        category TEXT NOT NULL,
+        time REAL NOT NULL,            -- timeline seconds of the frame
+        body BLOB NOT NULL,            -- the event's data (StreamAlert JSON)
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX alerts_project ON alerts(project_id, n);
+    CREATE INDEX alerts_task ON alerts(task_id, n);
+    CREATE INDEX alerts_created ON alerts(created_at);
+    """,
+    # 6: S3 output (issue 13): a project's default and a job's own, as JSON
     # whose secret key is sealed (secretbox: encrypted at rest)
     """
     ALTER TABLE projects ADD COLUMN storage TEXT;

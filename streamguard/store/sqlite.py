@@ -179,6 +179,10 @@ class OutboxItem:
     url: str
     event: str
     body: bytes
+    # Ordering scope within the task (None: the task's own, shared by its
+    # records and lifecycle events). Alerts are a stream of their own, so they
+    # never wait behind a record queued for a slow receiver.
+    stream: str | None = None
 
 
 @dataclass
@@ -595,7 +599,7 @@ class Store:
             "INSERT INTO deliveries (id, event_id, project_id, task_id, url, stream_key, event, body, status, "
             "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
             [(new_id("dlv"), i.event_id, i.project_id, i.task_id, i.url,
-              f"{i.task_id or i.event_id}|{i.url}", i.event, i.body, now, now) for i in items])
+              f"{i.stream or i.task_id or i.event_id}|{i.url}", i.event, i.body, now, now) for i in items])
 
     def enqueue(self, items: list[OutboxItem]) -> None:
         with self._tx():
@@ -653,6 +657,37 @@ class Store:
         """Pending deliveries and the creation time of the oldest."""
         return self.db.execute("SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'").fetchone()
 
+    # --- frame-level alerts ------------------------------------------------------------
+
+    def add_alerts(self, task_id: str, project_id: str, alerts: list[tuple[str, str, float, bytes]],
+                   outbox: list[OutboxItem]) -> None:
+        """Alerts (event_id, category, timeline seconds, data) and their
+        deliveries in one transaction."""
+        now = time.time()
+        with self._tx():
+            self.db.executemany(
+                "INSERT INTO alerts (task_id, project_id, event_id, category, time, body, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(task_id, project_id, event_id, category, t, body, now) for event_id, category, t, body in alerts])
+            self._enqueue(outbox)
+
+    @reads
+    def alerts(self, project_id: str, task_id: str | None, after: int,
+               limit: int) -> list[tuple[int, str, bytes, float]]:
+        """(alert_index, event_id, data, created_at) after `after`, oldest first."""
+        where, args = "project_id = ? AND n > ?", [project_id, after]
+        if task_id is not None:
+            where, args = where + " AND task_id = ?", [*args, task_id]
+        return self.db.execute(f"SELECT n, event_id, body, created_at FROM alerts WHERE {where} ORDER BY n LIMIT ?",
+                               [*args, limit]).fetchall()
+
+    @reads
+    def last_alert_times(self, task_id: str) -> dict[str, float]:
+        """Per category, the timeline time of the task's latest alert (a resumed
+        task keeps its cooldowns)."""
+        return dict(self.db.execute("SELECT category, MAX(time) FROM alerts WHERE task_id = ? GROUP BY category",
+                                    (task_id,)).fetchall())
+
     @reads
     def records(self, task_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         return self.db.execute("SELECT seq, body FROM records WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -663,6 +698,7 @@ class Store:
         Pending deliveries are kept whatever their age."""
         with self._tx():
             n = self.db.execute("DELETE FROM records WHERE created_at < ?", (older_than,)).rowcount
+            self.db.execute("DELETE FROM alerts WHERE created_at < ?", (older_than,))
             self.db.execute("DELETE FROM deliveries WHERE created_at < ? AND status != 'pending'", (older_than,))
         return n
 
