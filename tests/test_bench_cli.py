@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("scan_throughput.py", ("--model", "--shape-real")),
     ("shape_real.py", ("--kind", "--check-reuse")),
     ("alerts.py", ("--streams", "--baseline", "--seconds")),
+    ("upload.py", ("--seconds", "--runs", "--concurrency", "--multipart-mb")),
 ])
 def test_bench_help(script, needles):
     res = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)

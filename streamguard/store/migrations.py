@@ -130,4 +130,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX alerts_task ON alerts(task_id, n);
     CREATE INDEX alerts_created ON alerts(created_at);
     """,
+    # 6: S3 output (issue 13): a project's default and a job's own, as JSON
+    # whose secret key is sealed (secretbox: encrypted at rest)
+    """
+    ALTER TABLE projects ADD COLUMN storage TEXT;
+    ALTER TABLE jobs ADD COLUMN storage TEXT;
+    """,
 )
