@@ -682,6 +682,12 @@ class LogoAddRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
     inputUrl: Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
+class LogoForm(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/logos as multipart: the form values next to the `image` files."""
+
+    name: LogoName
+
+
 class LogoImage(_Wire, kw_only=True):
     id: str
     createdAt: str

@@ -63,7 +63,10 @@ from .scoring import softmax
 
 REFINE_SCALES = (0.55, 0.75)  # refine squares, as fractions of the coarse square's side
 GROUP_IOU = 0.2  # positive regions overlapping the best one this much are fused into it
-NMS_IOU = 0.5  # across logos: a weaker detection overlapping a stronger one this much is dropped
+NMS_IOU = 0.5
+# A coarse square leans towards a logo when its cosine to it is this much
+# above the logo's median over the frame's squares: worth a refine pass.
+REFINE_LEAN = 0.02  # across logos: a weaker detection overlapping a stronger one this much is dropped
 LIGHT, DARK = (245, 245, 245), (16, 16, 16)  # backgrounds for transparent reference images
 NEGATIVES_VERSION = 1
 
@@ -240,11 +243,15 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def similarity(self, emb: np.ndarray) -> np.ndarray:
+        """[M, D] region embeddings -> [M, L]: each logo's best cosine over its references."""
+        return np.maximum.reduceat(emb @ self.refs.T, self.starts, axis=1)
+
     def score(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[M, D] region embeddings -> (confidence, margin), each [M, L]:
         each logo's softmax share against the backgrounds and the other
         logos, and its cosine over the best competitor's."""
-        sims = np.maximum.reduceat(emb @ self.refs.T, self.starts, axis=1)  # [M, L]
+        sims = self.similarity(emb)
         bg = (emb @ self.backgrounds.T)  # [M, K]
         conf = softmax(self.scale * np.concatenate([sims, bg], axis=1), axis=1)[:, :len(self)]
         rival = bg.max(axis=1, keepdims=True)
@@ -382,9 +389,10 @@ class LogoDetector:
         for p in probes:
             emb = coarse[offset:offset + len(p.regions)]
             offset += len(p.regions)
-            conf, margin = gallery.score(emb)
-            around = p.regions[int(np.unravel_index(np.argmax(margin), margin.shape)[0])]
-            refine = (await loop.run_in_executor(None, self._refine, p, around)) if self.settings.refine_steps else []
+            around = refine_target(p, gallery.similarity(emb))
+            refine = []
+            if around is not None and self.settings.refine_steps:
+                refine = await loop.run_in_executor(None, self._refine, p, around)
             p.encoded += len(refine)
             pending.append((p, emb, refine))
         for p, emb, refine in pending:
@@ -398,6 +406,27 @@ class LogoDetector:
         if self.on_regions is not None and probes:
             self.on_regions(sum(p.encoded for p in probes), max(p.encoded for p in probes))
         return out
+
+
+def refine_target(probe: FrameProbe, sims: np.ndarray) -> Region | None:
+    """The coarse square the refine pass looks around: per logo, its most
+    similar square if it leans towards that logo (its cosine to the logo at
+    least REFINE_LEAN above the logo's median over the frame's squares; the
+    cosine, not the margin over the backgrounds: a square merely unlike every
+    background is no nearer the logo); with several logos
+    leaning, the frames of a segment take them in turn (best first), so each
+    gets refined within the per-frame budget. None when nothing leans: no
+    refine pass (a frame with nothing like a logo costs the coarse pass only)."""
+    candidates: dict[int, float] = {}
+    for logo in range(sims.shape[1]):
+        col = sims[:, logo]
+        best = int(np.argmax(col))
+        if col[best] - float(np.median(col)) >= REFINE_LEAN:
+            candidates[best] = max(candidates.get(best, -np.inf), float(col[best]))
+    if not candidates:
+        return None
+    ranked = sorted(candidates, key=lambda i: -candidates[i])
+    return probe.regions[ranked[probe.index % len(ranked)]]
 
 
 def segment_logos(probes: list[FrameProbe], hits: list[list[FrameHit]], gallery: Gallery | None,

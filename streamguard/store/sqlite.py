@@ -461,6 +461,11 @@ class Store:
             out.append((lid, name, created, [(i, c) for i, c in images]))
         return out, total
 
+    @reads
+    def logo_counts(self) -> dict[str, int]:
+        """Per project with logos, how many."""
+        return dict(self.db.execute("SELECT project_id, COUNT(*) FROM logos GROUP BY project_id").fetchall())
+
     def delete_logo(self, logo_id: str, project_id: str) -> list[str] | None:
         """Delete a logo with its images and embeddings; returns its image
         paths (to delete from disk), or None when the project has no such logo."""
