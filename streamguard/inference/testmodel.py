@@ -124,6 +124,16 @@ def _busy_work(layers: int) -> tuple[list, list]:
     return nodes, inits
 
 
+def _majority(n, mask: str, slope: str, out: str, frac: str | None = None) -> list:
+    """Nodes for `out` = sigmoid(slope * (`frac` - 0.5)), `frac` being the
+    mean of the per-pixel `mask` per image (named, for tests that read it)."""
+    frac = frac or f"{out}_frac"
+    return [n("ReduceMean", [mask], [f"{frac}4"], axes=[1, 2, 3], keepdims=1),
+            n("Reshape", [f"{frac}4", "shape_n1"], [frac]),
+            n("Sub", [frac, "half"], [f"{out}_d"]), n("Mul", [f"{out}_d", slope], [f"{out}_s"]),
+            n("Sigmoid", [f"{out}_s"], [out])]
+
+
 def _visual_model(red: np.ndarray, green: np.ndarray, blue: np.ndarray, other: np.ndarray, mean: tuple,
                   std: tuple, path: Path, busy_layers: int = 0) -> None:
     import onnx
@@ -160,25 +170,16 @@ def _visual_model(red: np.ndarray, green: np.ndarray, blue: np.ndarray, other: n
         n("Sub", ["gb_hi", "G"], ["g_d"]), n("Mul", ["g_d", "sharp"], ["g_s"]), n("Sigmoid", ["g_s"], ["pg"]),
         n("Sub", ["gb_hi", "B"], ["b_d"]), n("Mul", ["b_d", "sharp"], ["b_s"]), n("Sigmoid", ["b_s"], ["pb"]),
         n("Mul", ["pr", "pg"], ["prg"]), n("Mul", ["prg", "pb"], ["p"]),
-        n("ReduceMean", ["p"], ["frac4"], axes=[1, 2, 3], keepdims=1),
-        n("Reshape", ["frac4", "shape_n1"], ["frac"]),
-        n("Sub", ["frac", "half"], ["f_d"]), n("Mul", ["f_d", "majority_sharp"], ["f_s"]),
-        n("Sigmoid", ["f_s"], ["m"]),
+        *_majority(n, "p", "majority_sharp", "m", frac="frac"),
         # saturated green: G high, R and B low (R and B low are pg's and pb's twins)
         n("Sub", ["G", "r_lo"], ["G_d"]), n("Mul", ["G_d", "sharp"], ["G_s"]), n("Sigmoid", ["G_s"], ["qg"]),
         n("Sub", ["gb_hi", "R"], ["R_d"]), n("Mul", ["R_d", "sharp"], ["R_s"]), n("Sigmoid", ["R_s"], ["qr"]),
         n("Mul", ["qg", "qr"], ["qgr"]), n("Mul", ["qgr", "pb"], ["q"]),
-        n("ReduceMean", ["q"], ["gfrac4"], axes=[1, 2, 3], keepdims=1),
-        n("Reshape", ["gfrac4", "shape_n1"], ["gfrac"]),
-        n("Sub", ["gfrac", "half"], ["gf_d"]), n("Mul", ["gf_d", "majority_sharp"], ["gf_s"]),
-        n("Sigmoid", ["gf_s"], ["mg"]),
+        *_majority(n, "q", "majority_sharp", "mg"),
         # saturated blue: B high, R and G low (graded: see the module doc)
         n("Sub", ["B", "r_lo"], ["B_d"]), n("Mul", ["B_d", "sharp"], ["B_s"]), n("Sigmoid", ["B_s"], ["qb"]),
         n("Mul", ["qb", "qr"], ["qbr"]), n("Mul", ["qbr", "pg"], ["qbrg"]),
-        n("ReduceMean", ["qbrg"], ["bfrac4"], axes=[1, 2, 3], keepdims=1),
-        n("Reshape", ["bfrac4", "shape_n1"], ["bfrac"]),
-        n("Sub", ["bfrac", "half"], ["bf_d"]), n("Mul", ["bf_d", "blue_slope"], ["bf_s"]),
-        n("Sigmoid", ["bf_s"], ["mb"]),
+        *_majority(n, "qbrg", "blue_slope", "mb"),
         n("Sub", ["one", "m"], ["not_m0"]), n("Sub", ["not_m0", "mg"], ["not_m1"]),
         n("Sub", ["not_m1", "mb"], ["not_m2"]), n("Max", ["not_m2", "zero"], ["not_m"]),
         n("Mul", ["m", "red_embed"], ["e_red"]), n("Mul", ["mg", "green_embed"], ["e_green"]),
