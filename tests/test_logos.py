@@ -288,3 +288,26 @@ def test_file_job_and_live_task_agree_with_scan(daemon, files, media, scanned, r
     assert any(line.startswith("streamguard_logo_regions_total") and float(line.split()[-1]) > 0 for line in regions)
     per_frame = next(float(line.split()[-1]) for line in regions if line.startswith("streamguard_logo_regions_per_frame"))
     assert 0 < per_frame <= 31
+
+
+def test_region_geometry():
+    """The coarse pass covers the whole frame, its middle square is exactly the
+    frame's own CLIP crop (whose embedding it reuses), and the budget holds."""
+    from streamguard.analysis.logos import coarse_regions, refine_regions
+    from streamguard.config import LogoSettings
+    from streamguard.media.scaler import crop_plan
+
+    for width, height in ((1280, 720), (720, 1280), (640, 480), (500, 500)):
+        regions, centre = coarse_regions(width, height, LogoSettings().coarse_stride)
+        x, y, w, h = crop_plan(width, height, 224).source
+        c = regions[centre]
+        # (to a source pixel: CLIP's resize truncates the longer side, which can move its crop by one)
+        assert abs(c.x - x) <= 1 and abs(c.y - y) <= 1 and abs(c.side - w) <= 1 and abs(w - h) <= 1
+        covered = np.zeros((height, width), bool)
+        for r in regions:
+            assert 0 <= r.x and 0 <= r.y and r.x + r.side <= width + 1e-6 and r.y + r.side <= height + 1e-6
+            covered[round(r.y):round(r.y + r.side), round(r.x):round(r.x + r.side)] = True
+        assert covered.all()
+        refine = refine_regions(regions[-1], width, height, LogoSettings().refine_steps)
+        assert len(regions) - 1 + len(refine) <= 31  # + the frame itself: <= 32 passes
+    assert len(coarse_regions(1280, 720, 0.75)[0]) == 18  # 3 full-height squares + 5 x 3 half-side ones

@@ -12,10 +12,12 @@ batcher with every other frame. Two passes per sampled frame:
    one is exactly the frame's own CLIP crop: its embedding is the frame's,
    not computed again) and a grid of half-side squares, overlapping by a
    quarter (`logos.coarse_stride`);
-2. refine: around the coarse square whose embedding leans most towards a
-   gallery logo (even when no region is a match yet: a region that holds
+2. refine: around the coarse square most similar to a gallery logo, when it
+   leans towards it (even when no region is a match yet: a region that holds
    part of a logo is closer to it than one that holds none), a grid of
-   squares of 0.55 and 0.75 of its side (`logos.refine_steps`).
+   squares of 0.55 and 0.75 of its side (`logos.refine_steps`). With several
+   logos leaning, a segment's frames take them in turn (`refine_target`);
+   with none, there is no refine pass.
 
 Scoring, per region and gallery logo: the best cosine to any of the logo's
 reference embeddings (several augmentations of each reference image) is the
@@ -37,7 +39,7 @@ segment reports each logo once, from its best frame.
 
 Cost: every region is one image-encoder pass, billed as video tokens like a
 frame. At 16:9 and the defaults: 17 coarse + 13 refine = 30 regions per
-sampled frame, 31 passes with the frame itself.
+sampled frame at most, 31 passes with the frame itself.
 """
 
 from __future__ import annotations
