@@ -64,6 +64,7 @@ class LogoService:
         self._counts: dict[str, int] = {}  # project id -> its logos (read by ingest threads)
         self._galleries: dict[str, Gallery] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._generation: dict[str, int] = {}  # bumped by each change: a load that straddles one is not kept
 
     async def start(self) -> None:
         """Which projects have logos (so a task knows at once whether to look)."""
@@ -94,9 +95,13 @@ class LogoService:
             return held
         lock = self._locks.setdefault(project_id, asyncio.Lock())
         async with lock:
-            if project_id not in self._galleries:
-                self._galleries[project_id] = await self._load(project_id)
-            return self._galleries[project_id]
+            held = self._galleries.get(project_id)
+            if held is None:
+                generation = self._generation.get(project_id, 0)
+                held = await self._load(project_id)
+                if self._generation.get(project_id, 0) == generation:
+                    self._galleries[project_id] = held
+            return held
 
     async def _load(self, project_id: str) -> Gallery:
         analyzer = self._model()
@@ -131,6 +136,7 @@ class LogoService:
 
     def _changed(self, project_id: str, count: int) -> None:
         self._counts[project_id] = count
+        self._generation[project_id] = self._generation.get(project_id, 0) + 1
         self._galleries.pop(project_id, None)
 
     # --- the API's operations -------------------------------------------------------------
