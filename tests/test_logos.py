@@ -167,6 +167,12 @@ def test_scan_logo_arguments_are_checked(media, test_bundle, tmp_path, cli):
     res = cli("scan", media["video"], "--logos", "--logo", f"X={tmp_path / 'notes.txt'}", "--model", test_bundle,
               "--data-dir", tmp_path)
     assert res.returncode == 1 and "--logo X=" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    # --logos with an empty gallery: the records say so, and no region is run (or billed)
+    res = cli("scan", media["video"], "--logos", "--model", test_bundle, "--data-dir", tmp_path, "--out", tmp_path / "o")
+    assert res.returncode == 0, res.stderr
+    for r in res.records:
+        assert r["data"]["data"]["logo_detection"] == {"has_logo": False, "logos": [], "frames_processed": 5}
+        assert r["data"]["token"]["video_tokens"] <= 5 * 50
 
 
 # --- the gallery and the daemon ------------------------------------------------------------------------
