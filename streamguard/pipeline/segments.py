@@ -45,7 +45,7 @@ import av
 import numpy as np
 
 from ..analysis.analyzer import Analyzer, TextTokenMeter
-from ..analysis.logos import FrameProbe, GallerySource, LogoTally, segment_logos
+from ..analysis.logos import FrameProbe, GallerySource, segment_logos
 from ..analysis.categorize import DEFAULT_TOP_K, CategoryEvidence, summarize_categorization
 from ..analysis.scoring import category_thresholds
 from ..errors import StreamGuardError
@@ -655,7 +655,6 @@ class RecordAssembler:
         self.text_tokens = TextTokenMeter()  # text encoded for this request alone
         self.thresholds = category_thresholds(opts.threshold, opts.thresholds)
         self.categories = CategoryEvidence.empty()
-        self.logos = LogoTally()  # the logos of every segment built so far (a job's summary)
 
     async def build(self, closed: ClosedSegment) -> SegmentRecord:
         seg = closed.segment
@@ -681,7 +680,6 @@ class RecordAssembler:
                     logos, regions = await self._logos(closed)
                 except StreamGuardError as exc:
                     return status_record(self.task_id, STATUS_ERROR, f"segment {seg.index}: {exc.message}")
-                self.logos.add(seg.index, logos)
             # CONTRACT §3: frames run through the image encoder (once, whatever
             # analyses use them); reused ones were not. Each logo region is a
             # pass of its own.
