@@ -64,6 +64,9 @@ from ..schemas import JobLogo, LogoBox, LogoDetection, LogoHit, LogoSummary
 from .scoring import softmax
 
 REFINE_SCALES = (0.55, 0.75)  # refine squares, as fractions of the coarse square's side
+# ... when the coarse square already shows the logo (it fills half of it or
+# more): larger squares, so the box is not made of squares smaller than the logo.
+REFINE_SCALES_SHOWN = (0.75, 1.0)
 GROUP_IOU = 0.2  # positive regions overlapping the best one this much are fused into it
 NMS_IOU = 0.5
 # A coarse square leans towards a logo when its cosine to it is this much
@@ -113,11 +116,12 @@ def coarse_regions(width: int, height: int, stride: float) -> tuple[list[Region]
     return full + grid, n // 2
 
 
-def refine_regions(around: Region, width: int, height: int, steps: int) -> list[Region]:
-    """The refine pass's squares around a coarse square."""
+def refine_regions(around: Region, width: int, height: int, steps: int, shown: bool = False) -> list[Region]:
+    """The refine pass's squares around a coarse square (`shown`: that square
+    is itself a detection)."""
     out = []
     cx, cy = around.x + around.side / 2, around.y + around.side / 2
-    for scale, n in zip(REFINE_SCALES, (steps, steps - 1)):
+    for scale, n in zip(REFINE_SCALES_SHOWN if shown else REFINE_SCALES, (steps, steps - 1)):
         if n <= 0:
             continue
         side = scale * around.side
@@ -372,11 +376,29 @@ class LogoDetector:
                    for i, r in enumerate(regions)]
         return FrameProbe(index, time, frame, regions, futures, len(regions) - 1)
 
-    def _refine(self, probe: FrameProbe, around: Region) -> list[tuple[Region, Future]]:
+    def _refine(self, probe: FrameProbe, around: Region, shown: bool) -> list[tuple[Region, Future]]:
         """Submit the refine pass's crops (blocking crop work: off the loop)."""
         h, w = probe.frame.shape[:2]
-        regions = refine_regions(around, w, h, self.settings.refine_steps)
+        regions = refine_regions(around, w, h, self.settings.refine_steps, shown)
         return [(r, self.submit(crop_square(probe.frame, r, self.size))) for r in regions]
+
+    def _refine_around(self, probe: FrameProbe, emb: np.ndarray, gallery: Gallery,
+                       target: int) -> tuple[Region, bool]:
+        """Where the refine pass looks: the target coarse square; or, when
+        coarse squares already show a logo there, a square of the same side
+        centred on their fused box (a large logo can reach past the target)."""
+        region = probe.regions[target]
+        conf, margin = gallery.score(emb)
+        logo = int(np.argmax(conf[target]))
+        if conf[target, logo] < self.settings.min_confidence:
+            return region, False
+        hits = [h for h in detect_frame(probe.regions, conf[:, logo:logo + 1], margin[:, logo:logo + 1],
+                                        self.settings.min_confidence)]
+        if hits:
+            x, y, w, h = hits[0].box
+            height, width = probe.frame.shape[:2]
+            region = Region(x + w / 2 - region.side / 2, y + h / 2 - region.side / 2, region.side).clamp(width, height)
+        return region, True
 
     async def detect(self, probes: list[FrameProbe], gallery: Gallery,
                      gather: Callable[[list[Future]], object]) -> list[list[FrameHit]]:
@@ -391,10 +413,11 @@ class LogoDetector:
         for p in probes:
             emb = coarse[offset:offset + len(p.regions)]
             offset += len(p.regions)
-            around = refine_target(p, gallery.similarity(emb))
+            target = refine_target(p, gallery.similarity(emb))
             refine = []
-            if around is not None and self.settings.refine_steps:
-                refine = await loop.run_in_executor(None, self._refine, p, around)
+            if target is not None and self.settings.refine_steps:
+                around, shown = self._refine_around(p, emb, gallery, target)
+                refine = await loop.run_in_executor(None, self._refine, p, around, shown)
             p.encoded += len(refine)
             pending.append((p, emb, refine))
         for p, emb, refine in pending:
@@ -410,7 +433,7 @@ class LogoDetector:
         return out
 
 
-def refine_target(probe: FrameProbe, sims: np.ndarray) -> Region | None:
+def refine_target(probe: FrameProbe, sims: np.ndarray) -> int | None:
     """The coarse square the refine pass looks around: per logo, its most
     similar square if it leans towards that logo (its cosine to the logo at
     least REFINE_LEAN above the logo's median over the frame's squares; the
@@ -428,7 +451,7 @@ def refine_target(probe: FrameProbe, sims: np.ndarray) -> Region | None:
     if not candidates:
         return None
     ranked = sorted(candidates, key=lambda i: -candidates[i])
-    return probe.regions[ranked[probe.index % len(ranked)]]
+    return ranked[probe.index % len(ranked)]
 
 
 def segment_logos(probes: list[FrameProbe], hits: list[list[FrameHit]], gallery: Gallery | None,
