@@ -50,7 +50,7 @@ import json
 import math
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
@@ -335,15 +335,6 @@ class FrameProbe:
         self.release()
 
 
-@dataclass
-class SegmentLogos:
-    """A segment's logo detection: the record's part and what it cost."""
-
-    detection: LogoDetection
-    regions: int  # region passes run (billed as video tokens)
-    hits: list[tuple[int, Fraction, FrameHit]] = field(default_factory=list)  # (frame index, time, hit)
-
-
 class LogoDetector:
     """Region proposals, scoring and aggregation, on the shared batcher."""
 
@@ -352,7 +343,7 @@ class LogoDetector:
         self.submit = submit
         self.size = size
         self.settings = settings
-        self.on_regions = on_regions  # (regions run, regions per frame at this geometry)
+        self.on_regions = on_regions  # (regions run for a segment, the most for one of its frames)
 
     def frame_size(self, width: int, height: int) -> tuple[int, int]:
         """The size frames are kept at for logos: at most the configured long
@@ -361,11 +352,6 @@ class LogoDetector:
         long, short = max(width, height), min(width, height)
         f = min(1.0, s.max_frame_long_side / long, s.max_frame_short_side / short)
         return max(2, round(width * f / 2) * 2), max(2, round(height * f / 2) * 2)
-
-    def regions_per_frame(self, width: int, height: int) -> int:
-        coarse, _ = coarse_regions(width, height, self.settings.coarse_stride)
-        steps = self.settings.refine_steps
-        return len(coarse) - 1 + steps * steps + max(0, steps - 1) ** 2
 
     def probe(self, index: int, time: Fraction, frame: np.ndarray, full: Future) -> FrameProbe:
         """Start a frame's coarse pass (ingest thread): its regions go to the
@@ -392,8 +378,8 @@ class LogoDetector:
         logo = int(np.argmax(conf[target]))
         if conf[target, logo] < self.settings.min_confidence:
             return region, False
-        hits = [h for h in detect_frame(probe.regions, conf[:, logo:logo + 1], margin[:, logo:logo + 1],
-                                        self.settings.min_confidence)]
+        hits = detect_frame(probe.regions, conf[:, logo:logo + 1], margin[:, logo:logo + 1],
+                            self.settings.min_confidence)
         if hits:
             x, y, w, h = hits[0].box
             height, width = probe.frame.shape[:2]
