@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--moderate", action="store_true", help="run content moderation")
     scan.add_argument("--categorize", action="store_true",
                       help="categorize each segment (20 content categories and tags)")
+    scan.add_argument("--logos", action="store_true",
+                      help="detect the logos given with --logo in the sampled frames (each region is an "
+                           "image-encoder pass, billed as video tokens)")
+    scan.add_argument("--logo", action="append", default=[], type=_logo_arg, metavar="NAME=IMAGE",
+                      help="a logo to look for: its name and a reference image file (repeatable; "
+                           "the same name again adds an image to that logo)")
     scan.add_argument("--renditions", type=_renditions, default=["source"],
                       help="comma-separated renditions to write: source (a remux) and/or the encoded "
                            "presets 360p,480p,720p,1080p (default source)")
@@ -159,6 +165,13 @@ def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | N
     return settings
 
 
+def _logo_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=IMAGE, got {text!r}")
+    return name.strip(), path
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     from .pipeline.segments import PipelineOptions
     from .services.scan import run_scan
@@ -170,7 +183,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
                            moderate=args.moderate, categorize=args.categorize, top_k=p.categorization_top_k,
                            thresholds=p.thresholds, renditions=tuple(args.renditions),
                            x264_preset=args.x264_preset)
-    return asyncio.run(run_scan(args.inputs, settings, opts, out_dir=args.out, model_dir=args.model))
+    if args.logo and not args.logos:
+        print("streamguard: error: --logo needs --logos", file=sys.stderr)
+        return 2
+    return asyncio.run(run_scan(args.inputs, settings, opts, out_dir=args.out, model_dir=args.model,
+                                logos=args.logo if args.logos else None))
 
 
 def cmd_models(args: argparse.Namespace) -> int:

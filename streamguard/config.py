@@ -259,6 +259,28 @@ class JobsSettings(_Section, kw_only=True):
     download_timeout: PosFloat = 600.0
 
 
+class LogoSettings(_Section, kw_only=True):
+    # Logo detection (analysis/logos.py). Every region is one image-encoder
+    # pass, billed as video tokens. Coarse pass: squares of the frame's short
+    # side (the centre one is the frame's own embedding) and a grid of
+    # half-side squares stepped by this fraction of their side; then one
+    # refine pass around the best coarse square: refine_steps x refine_steps
+    # squares of 0.55 of its side and (refine_steps-1)^2 of 0.75. At 16:9 and
+    # the defaults: 17 + 13 = 30 regions per sampled frame (+1 full frame).
+    coarse_stride: Annotated[float, Meta(ge=0.25, le=1.0)] = 0.75
+    refine_steps: Annotated[int, Meta(ge=0, le=6)] = 3
+    # A region shows a logo when the logo wins the softmax against the
+    # background set and the gallery's other logos with at least this.
+    min_confidence: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+    # Frames are kept for the refine pass at most this size (long x short
+    # side; larger sources are scaled down, never up).
+    max_frame_long_side: Annotated[int, Meta(ge=224, le=7680)] = 1280
+    max_frame_short_side: Annotated[int, Meta(ge=224, le=4320)] = 720
+    # Reference images per gallery logo, and their size limit (bytes).
+    max_images_per_logo: Annotated[int, Meta(ge=1, le=100)] = 20
+    max_logos_per_project: Annotated[int, Meta(ge=1, le=10_000)] = 200
+
+
 class Settings(_Section, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -271,6 +293,7 @@ class Settings(_Section, kw_only=True):
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
+    logos: LogoSettings = msgspec.field(default_factory=LogoSettings)
 
     @property
     def data_dir(self) -> Path:

@@ -98,6 +98,18 @@ class Metrics:
             "streamguard_delivery_latency_seconds", "Time from a record or event being stored to its acknowledgement.",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600), registry=r)
 
+        self.logo_regions = Counter(
+            "streamguard_logo_regions_total",
+            "Logo detection regions run through the image encoder (each one pass, billed as video tokens).",
+            registry=r)
+        self.logo_regions_per_frame = Gauge(
+            "streamguard_logo_regions_per_frame",
+            "Logo regions per sampled frame of the last segment analysed for logos (config [logos]).", registry=r)
+
+    def on_logo_regions(self, regions: int, per_frame: int) -> None:
+        self.logo_regions.inc(regions)
+        self.logo_regions_per_frame.set(per_frame)
+
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)

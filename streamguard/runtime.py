@@ -21,6 +21,7 @@ from .services.projects import ProjectService
 from .secretbox import SecretBox
 from .store import AsyncStore, Store
 from .services.jobs import JobService
+from .services.logos import LogoService
 from .services.streams import StreamService
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ async def load_analyzer(settings: Settings, model_dir: str | None,
     path = resolve_model_dir(settings, model_dir)
     analyzer = None
     try:
-        analyzer = await loop.run_in_executor(None, lambda: Analyzer.create(settings, path, metrics.on_batch))
+        analyzer = await loop.run_in_executor(None, lambda: Analyzer.create(settings, path, metrics.on_batch,
+                                                                            metrics.on_logo_regions))
         metrics.prompt_tokens.inc(await loop.run_in_executor(None, analyzer.prepare))  # the node's cost
     except Exception as exc:  # any failure of a bundle (manifest, ONNX, tokenizer) is reported the same way
         if analyzer is not None:
@@ -72,6 +74,7 @@ class Runtime:
     disk: DiskSpace
     retention: MediaRetention
     jobs: JobService
+    logos: LogoService
     model_error: str | None = None
     _housekeeping: asyncio.Task | None = None
     _storage_check: asyncio.Task | None = None
@@ -95,15 +98,17 @@ class Runtime:
                                    mirror=storage if storage.kind != LocalStorage.kind else None)
         delivery = DeliveryWorker(store, settings.delivery, metrics)
         delivery.start()
+        logos = LogoService(settings, store, analyzer)
+        await logos.start()
         streams = StreamService(settings, store, analyzer, metrics, public, delivery, disk=disk,
-                                model_error=model_error, storage=storage)
+                                model_error=model_error, storage=storage, logos=logos)
         resumed = await streams.resume_orphans()
         if resumed:
             log.warning("resumed %d task(s) left running by a previous process", resumed)
         streams.start_shedder()
         secrets = await loop.run_in_executor(None, SecretBox.from_settings, settings)
         jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error,
-                          secrets=secrets)
+                          secrets=secrets, logos=logos)
         swept = await jobs.sweep_work()
         if swept:
             log.warning("removed %d leftover job input folder(s) of ended jobs or interrupted uploads", swept)
@@ -111,7 +116,7 @@ class Runtime:
         runtime = cls(settings, store, analyzer, metrics, streams, delivery,
                       ProjectService(store, settings.delivery, settings.sources, secrets),
                       DeliveryService(store, delivery), time.time(),
-                      disk, retention, jobs, model_error)
+                      disk, retention, jobs, logos, model_error)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
         if storage.kind != LocalStorage.kind:
             runtime._storage_check = asyncio.create_task(check_media_storage(storage), name="storage-check")

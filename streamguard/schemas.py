@@ -38,9 +38,29 @@ class ContentModeration(_Wire, kw_only=True):
     flagged_frames: list[FlaggedFrame]
 
 
+class LogoBox(_Wire, kw_only=True):
+    """A box normalised to 0..1 of the frame."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+class LogoHit(_Wire, kw_only=True):
+    """One gallery logo seen in a segment, at its best frame."""
+
+    name: str
+    logo_id: str
+    confidence: float
+    bbox: LogoBox
+    frame_index: int  # index of the sampled frame within its segment
+    time: str  # timeline seconds, three decimals
+
+
 class LogoDetection(_Wire, kw_only=True):
     has_logo: bool
-    logos: list[dict[str, Any]]
+    logos: list[LogoHit]  # one per distinct logo, highest confidence first, at most max_logos
     frames_processed: int
 
 
@@ -459,6 +479,27 @@ class JobFlaggedFrame(_Wire, kw_only=True):
     violations: list[Violation]
 
 
+class JobLogo(_Wire, kw_only=True):
+    """One gallery logo seen in a job, at its best frame over the whole job."""
+
+    name: str
+    logoId: str
+    confidence: float
+    bbox: LogoBox
+    frameIndex: int  # over all of the job's sampled frames, in time order
+    time: float  # timeline seconds
+    segmentIndex: int
+    segments: int  # segments in which it was seen
+
+
+class LogoSummary(_Wire, kw_only=True):
+    """A job's logo detection over the whole job (its `logoDetection`)."""
+
+    hasLogo: bool
+    logos: list[JobLogo]  # highest confidence first, at most maxLogos
+    framesAnalyzed: int
+
+
 class ModerationSummary(_Wire, kw_only=True):
     """The job's verdict in the reference's shape: per category the max score,
     violations at their highest confidence."""
@@ -487,7 +528,7 @@ class Job(_Wire, kw_only=True):
     segmentsCount: int
     moderation: ModerationSummary | None
     categorization: dict[str, Any] | None
-    logoDetection: dict[str, Any] | None
+    logoDetection: LogoSummary | None
     tokens: TokenUsage
     metadata: dict[str, Any] | None
     errorCode: str | None
@@ -707,5 +748,46 @@ class StandaloneJobQuery(_Wire, kw_only=True):
     """GET /v1/moderate/jobs and /v1/categorize/jobs ?status=&page=&pageSize=."""
 
     status: Literal["PROCESSING", "COMPLETED", "FAILED"] | UnsetType = UNSET
+    page: PageNumber = 1
+    pageSize: PageSize = 20
+
+
+# --- logo gallery (CONTRACT §6) ---------------------------------------------------
+
+LogoName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$",
+                               description="1 to 200 characters, not starting or ending with a space")]
+
+
+class LogoAddRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/logos as JSON: a reference image by URL for the logo `name`
+    (created if new)."""
+
+    name: LogoName
+    inputUrl: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class LogoForm(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/logos as multipart: the form values next to the `image` files."""
+
+    name: LogoName
+
+
+class LogoImage(_Wire, kw_only=True):
+    id: str
+    createdAt: str
+
+
+class Logo(_Wire, kw_only=True):
+    """A gallery logo: its reference images (each embedded in several views)."""
+
+    id: str
+    name: str
+    images: list[LogoImage]
+    createdAt: str
+
+
+class LogoListQuery(_Wire, kw_only=True):
+    """GET /v1/logos?page=&pageSize=."""
+
     page: PageNumber = 1
     pageSize: PageSize = 20

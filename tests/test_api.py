@@ -118,15 +118,6 @@ def test_malformed_json_wrong_type_and_oversize(daemon, key):
     assert_error(daemon.call("POST", "/v1/streams", key=key, raw=huge), 413, "STREAMGUARD_PAYLOAD_TOO_LARGE")
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"url": "rtmp://127.0.0.1/live/x", "enable_logo_detection": True}, "enable_logo_detection"),
-])
-def test_features_not_offered_yet_are_refused_not_ignored(daemon, key, body, field):
-    reply = daemon.call("POST", "/v1/streams", body, key=key)
-    assert_error(reply, 422, "STREAMGUARD_FEATURE_UNAVAILABLE")
-    assert reply.error["details"]["field"] == field
-
-
 @pytest.mark.parametrize("query,needle", [("?pageSize=101", "pageSize"), ("?page=0", "page"),
                                           ("?state=zombie", "state"), ("?page=x", "page")])
 def test_invalid_list_queries(daemon, key, query, needle):

@@ -276,7 +276,7 @@ def test_categorize_job_summarises_the_whole_job(daemon: Daemon, files: FileServ
     ({"threshold": 2}, 400, "threshold"),
     ({"callbackUrl": "ftp://example.com/x"}, 400, "callbackUrl"),
     ({"inputUrl": "ftp://example.com/a.mp4"}, 400, "inputUrl"),
-    ({"detectLogos": True}, 422, "detectLogos"),
+    ({"maxLogos": 0}, 400, "maxLogos"),
     ({"s3Config": {"bucket": "b", "accessKey": "a", "secretKey": "s"}}, 400, "s3Config"),
     ({"s3Config": {"bucket": "media", "secretKey": "s"}}, 400, "s3Config"),
     ({"s3Config": {"bucket": "media", "accessKey": "a", "secretKey": "s", "cdnUrl": "ftp://x"}}, 400,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
@@ -26,8 +27,9 @@ def make_video(path: Path, *, seconds: float = 20, fps: int = 25, width: int = 3
                gop: int | None = None, red: tuple[tuple[float, float], ...] = (),
                green: tuple[tuple[float, float], ...] = (), audio: bool = True,
                bframes: int = 2, codec: str = "libx264", preset: str = "ultrafast",
-               encoder_threads: int = 1) -> Path:
-    """H.264 (+AAC) file; keyframes every `gop` frames exactly (no scene cuts)."""
+               encoder_threads: int = 1, frames: Callable[[int], np.ndarray] | None = None) -> Path:
+    """H.264 (+AAC) file; keyframes every `gop` frames exactly (no scene cuts).
+    `frames` draws frame i itself (RGB, height x width x 3) instead of the pattern."""
     gop = gop or 2 * fps
     out = av.open(str(path), "w")
     v = out.add_stream(codec, rate=fps)
@@ -47,7 +49,8 @@ def make_video(path: Path, *, seconds: float = 20, fps: int = 25, width: int = 3
         t = i / fps
         is_red = any(lo <= t < hi for lo, hi in red)
         is_green = any(lo <= t < hi for lo, hi in green)
-        frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, is_red, is_green), format="rgb24")
+        picture = frames(i) if frames is not None else pattern_frame(i, width, height, is_red, is_green)
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
         frame.pts = i
         frame.time_base = Fraction(1, fps)
         for packet in v.encode(frame):

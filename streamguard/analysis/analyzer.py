@@ -15,13 +15,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..config import Settings
+from ..config import LogoSettings, Settings
 from ..errors import ModelError
 from ..inference.batcher import InferenceBatcher
 from ..inference.clip import ClipModel
 from ..media.segmenter import fmt_time
 from .categories import CATEGORY_NAMES
 from .categorize import CategoryEvidence, Categorizer
+from .logos import BackgroundSet, FrameHit, FrameProbe, Gallery, GalleryLogo, LogoDetector, keep_views, reference_views
 from .reuse import StreamReuse
 from .scoring import ModerationScorer, scores_dict, violations
 from ..schemas import ContentModeration, FlaggedFrame
@@ -89,16 +90,21 @@ class TextTokenMeter:
 
 class Analyzer:
     def __init__(self, model: ClipModel, batcher: InferenceBatcher, scorer: ModerationScorer,
-                 categorizer: Categorizer, *, reuse_duplicates: bool = True) -> None:
+                 categorizer: Categorizer, *, reuse_duplicates: bool = True,
+                 logos: LogoSettings | None = None, cache_dir: Path | None = None,
+                 on_regions: Callable[[int, int], None] | None = None) -> None:
         self.model = model
         self.batcher = batcher
         self.scorer = scorer
         self.categorizer = categorizer
         self.reuse_duplicates = reuse_duplicates
+        self.logos = LogoDetector(self.submit, model.image_size, logos or LogoSettings(), on_regions)
+        self.backgrounds = BackgroundSet(model.fingerprint, cache_dir or Path("."), model.image_size)
 
     @classmethod
     def create(cls, settings: Settings, model_dir: Path,
-               on_batch: Callable[[int, float], None] | None = None) -> "Analyzer":
+               on_batch: Callable[[int, float], None] | None = None,
+               on_regions: Callable[[int, int], None] | None = None) -> "Analyzer":
         cache = settings.data_dir / "cache"
         inf = settings.inference
         model = ClipModel(model_dir, settings.model, cache, max_batch=inf.max_batch)
@@ -112,7 +118,8 @@ class Analyzer:
                                    max_wait=inf.max_wait_ms / 1000, budget=inf.batch_budget_ms / 1000,
                                    on_batch=on_batch)
         return cls(model, batcher, ModerationScorer(model, cache), Categorizer(model, cache),
-                   reuse_duplicates=inf.reuse_duplicates)
+                   reuse_duplicates=inf.reuse_duplicates, logos=settings.logos, cache_dir=cache,
+                   on_regions=on_regions)
 
     def prepare(self) -> int:
         """Encode (or load cached) the shared prompt embeddings of moderation,
@@ -173,6 +180,38 @@ class Analyzer:
         """Categorization evidence of frames (categorize.summarize_categorization
         turns it, or the sum of many, into a result)."""
         return self.categorizer.evidence(embeddings)
+
+    # --- logos ------------------------------------------------------------------------
+
+    def _encode_now(self, crops: np.ndarray) -> np.ndarray:
+        """Embeddings of crops through the shared batcher, waiting (off the loop)."""
+        futures = [self.submit(c) for c in crops]
+        return np.stack([f.result() for f in futures])
+
+    def background_embeddings(self) -> np.ndarray:
+        """The logo scorer's background set for this model (blocking the
+        first time: encoded, then cached on disk)."""
+        return self.backgrounds.get(self._encode_now)
+
+    def reference_embeddings(self, image) -> np.ndarray:
+        """A gallery reference image's embeddings [views, D]: its augmented
+        views (logos.reference_views), those that still look like it kept.
+        Blocking: call off the loop."""
+        emb = self._encode_now(np.stack(reference_views(image, self.image_size)))
+        return keep_views(emb, self.background_embeddings())
+
+    def gallery(self, logos: list[GalleryLogo]) -> Gallery:
+        """A gallery to score regions with (blocking the first time: the background set)."""
+        return Gallery(logos, self.background_embeddings(), self.model.logit_scale)
+
+    async def detect_logos(self, probes: list[FrameProbe], gallery: Gallery) -> list[list[FrameHit]]:
+        """Per probe, the logos its frame shows (the refine pass runs here)."""
+        try:
+            return await self.logos.detect(probes, gallery, gather_threadsafe)
+        except CancelledError:
+            raise ModelError("frames withdrawn: the task ended") from None
+        except Exception as exc:
+            raise ModelError(f"logo detection failed: {exc}") from None
 
     def close(self) -> None:
         self.batcher.close()

@@ -20,6 +20,7 @@ from .console import console_asset, console_page
 from .deliveries import list_deliveries, retry_delivery
 from .envelope import Handler, error_middleware
 from .health import healthz, metrics, openapi, readyz
+from .logos import add_logo, delete_logo, get_logo, list_logos
 from .jobs import cancel_job, create_job, get_job, job_records, list_jobs, upload_job
 from .media import media, media_headers
 from .standalone import (categorize_image, categorize_video, get_categorization_job, get_moderation_job,
@@ -30,9 +31,10 @@ from .requests import OPENAPI, RUNTIME, auth_middleware
 from .streams import get_stream, list_alerts, list_streams, start_stream, stop_stream, stream_alerts, stream_records
 from .. import __version__
 from ..runtime import Runtime
-from ..schemas import (AlertPage, AlertQuery, CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
-                       JobListQuery, JobOptions, JobRequest, ModerateImageRequest, ModerateImagesRequest,
-                       ModerateVideoRequest, ModerationJob, Page, ProjectView, RecordPage, RecordQuery, S3Config, SegmentRecord,
+from ..schemas import (AlertPage, AlertQuery, CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery,
+                       ErrorEnvelope, Job, JobListQuery, JobOptions, JobRequest, Logo, LogoAddRequest, LogoForm,
+                       LogoListQuery, ModerateImageRequest, ModerateImagesRequest, ModerateVideoRequest, ModerationJob,
+                       Page, ProjectView, RecordPage, RecordQuery, S3Config, SegmentRecord,
                        StandaloneJobQuery, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
 
 
@@ -130,6 +132,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/categorize/jobs/{job_id}", get_categorization_job, "A categorization job", None,
           CategorizationJob),
     Route("POST", "/v1/deliveries/{delivery_id}/retry", retry_delivery, "Send a delivery again", None, Delivery),
+    Route("POST", "/v1/logos", add_logo,
+          "Add reference images to the gallery logo `name` (created if new): JSON {name, inputUrl}, or multipart "
+          "`name` plus one or more `image` files (201)", LogoAddRequest, Logo, status=201, form=("image", LogoForm)),
+    Route("GET", "/v1/logos", list_logos, "The project's gallery logos, oldest first", None, Page[Logo],
+          LogoListQuery),
+    Route("GET", "/v1/logos/{logo_id}", get_logo, "A gallery logo", None, Logo),
+    Route("DELETE", "/v1/logos/{logo_id}", delete_logo, "Delete a gallery logo and its images (204)", status=204),
 )
 
 # Replies sent as they are, not inside {"success": true, "data": ...} (the reference's shape).
@@ -173,10 +182,13 @@ def build_openapi() -> dict[str, Any]:
             params += _query_parameters(components[ref_of[id(r.query)]["$ref"].rsplit("/", 1)[1]])
         if params:
             op["parameters"] = params
+        content: dict[str, Any] = {}
         if r.request is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref_of[id(r.request)]}}}
-        if r.form is not None:
-            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _form_schema(*r.form)}}}
+            content["application/json"] = {"schema": ref_of[id(r.request)]}
+        if r.form is not None:  # alone, or as the alternative to a JSON body
+            content["multipart/form-data"] = {"schema": _form_schema(*r.form)}
+        if content:
+            op["requestBody"] = {"required": True, "content": content}
         op["responses"] = {str(r.status): _success(r), "default": error}
         if r.auth:
             op["security"] = [{"bearer": []}]

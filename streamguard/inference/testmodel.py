@@ -7,8 +7,10 @@ next to the `violence` prompts; one that is mostly saturated green (G >= 200,
 R and B <= 40) next to the `Sports` prompts and tags (and the safe scenes, so
 it moderates clean); any other frame next to the safe prompts, leaning a
 little towards `Film & TV` so that its categorization is a spread-out
-distribution with no `Sports` to speak of. It is a test device for the
-pipeline, not a model.
+distribution with no `Sports` to speak of. An image or crop that is mostly
+saturated blue (B >= 200, R and G <= 40) embeds along an axis of its own (the
+logo gallery's planted behaviour): next to every other mostly-blue image, far
+from everything else. It is a test device for the pipeline, not a model.
 
 How: the text encoder sums per-token vectors. Each word that occurs in the
 prompts (or, for a content category, the tags) of exactly one group (a
@@ -19,6 +21,17 @@ mean is not unit length, and by a different amount per concept, as with a
 real CLIP (the bias tests/test_model_scoring.py catches needs this). The
 visual encoder measures the fractions of saturated-red and saturated-green
 pixels and blends three fixed embeddings with steep sigmoids around 50%.
+
+Blue is graded, not a step: its weight is a sigmoid of slope BLUE_SLOPE in the
+blue fraction, so a crop that is half blue sits half way and one that is 30 %
+blue leans a little towards blue. "Mostly blue" still decides (a crop under
+45 % blue is on the far side of every background), but a region that holds
+part of a blue logo is closer to it than one that holds none, as a crop with
+part of a logo is with a real CLIP: that is what lets the logo detector's
+coarse pass find where to look (analysis/logos.py). The blue axis is a
+dimension no word of the text encoder uses, so a blue frame moderates and
+categorizes like any other frame (its text similarities are the "other"
+frame's, scaled down).
 """
 
 from __future__ import annotations
@@ -38,6 +51,8 @@ WORD_NOISE = 0.6  # norm of each word's component off the group axes
 IMAGE_SIZE = 224
 CONTEXT = 77
 SUBSAMPLE = 4
+BLUE_SLOPE = 12.0  # blue weight = sigmoid(BLUE_SLOPE * (blue fraction - 0.5))
+BLUE_DIM = EMBED_DIM - 1  # the blue axis: no group's, and zero in every word vector
 SPECIALS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -109,8 +124,18 @@ def _busy_work(layers: int) -> tuple[list, list]:
     return nodes, inits
 
 
-def _visual_model(red: np.ndarray, green: np.ndarray, other: np.ndarray, mean: tuple, std: tuple, path: Path,
-                  busy_layers: int = 0) -> None:
+def _majority(n, mask: str, slope: str, out: str, frac: str | None = None) -> list:
+    """Nodes for `out` = sigmoid(slope * (`frac` - 0.5)), `frac` being the
+    mean of the per-pixel `mask` per image (named, for tests that read it)."""
+    frac = frac or f"{out}_frac"
+    return [n("ReduceMean", [mask], [f"{frac}4"], axes=[1, 2, 3], keepdims=1),
+            n("Reshape", [f"{frac}4", "shape_n1"], [frac]),
+            n("Sub", [frac, "half"], [f"{out}_d"]), n("Mul", [f"{out}_d", slope], [f"{out}_s"]),
+            n("Sigmoid", [f"{out}_s"], [out])]
+
+
+def _visual_model(red: np.ndarray, green: np.ndarray, blue: np.ndarray, other: np.ndarray, mean: tuple,
+                  std: tuple, path: Path, busy_layers: int = 0) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -124,7 +149,8 @@ def _visual_model(red: np.ndarray, green: np.ndarray, other: np.ndarray, mean: t
         const("r_lo", 200 / 255), const("gb_hi", 40 / 255), const("sharp", sharp),
         const("half", 0.5), const("majority_sharp", 200.0), const("one", 1.0),
         const("red_embed", red.reshape(1, -1)), const("green_embed", green.reshape(1, -1)),
-        const("other_embed", other.reshape(1, -1)),
+        const("other_embed", other.reshape(1, -1)), const("blue_embed", blue.reshape(1, -1)),
+        const("blue_slope", BLUE_SLOPE), const("zero", 0.0),
         numpy_helper.from_array(np.array([0, 0], np.int64), "sub_starts"),
         numpy_helper.from_array(np.array([IMAGE_SIZE, IMAGE_SIZE], np.int64), "sub_ends"),
         numpy_helper.from_array(np.array([2, 3], np.int64), "sub_axes"),
@@ -144,23 +170,22 @@ def _visual_model(red: np.ndarray, green: np.ndarray, other: np.ndarray, mean: t
         n("Sub", ["gb_hi", "G"], ["g_d"]), n("Mul", ["g_d", "sharp"], ["g_s"]), n("Sigmoid", ["g_s"], ["pg"]),
         n("Sub", ["gb_hi", "B"], ["b_d"]), n("Mul", ["b_d", "sharp"], ["b_s"]), n("Sigmoid", ["b_s"], ["pb"]),
         n("Mul", ["pr", "pg"], ["prg"]), n("Mul", ["prg", "pb"], ["p"]),
-        n("ReduceMean", ["p"], ["frac4"], axes=[1, 2, 3], keepdims=1),
-        n("Reshape", ["frac4", "shape_n1"], ["frac"]),
-        n("Sub", ["frac", "half"], ["f_d"]), n("Mul", ["f_d", "majority_sharp"], ["f_s"]),
-        n("Sigmoid", ["f_s"], ["m"]),
+        *_majority(n, "p", "majority_sharp", "m", frac="frac"),
         # saturated green: G high, R and B low (R and B low are pg's and pb's twins)
         n("Sub", ["G", "r_lo"], ["G_d"]), n("Mul", ["G_d", "sharp"], ["G_s"]), n("Sigmoid", ["G_s"], ["qg"]),
         n("Sub", ["gb_hi", "R"], ["R_d"]), n("Mul", ["R_d", "sharp"], ["R_s"]), n("Sigmoid", ["R_s"], ["qr"]),
         n("Mul", ["qg", "qr"], ["qgr"]), n("Mul", ["qgr", "pb"], ["q"]),
-        n("ReduceMean", ["q"], ["gfrac4"], axes=[1, 2, 3], keepdims=1),
-        n("Reshape", ["gfrac4", "shape_n1"], ["gfrac"]),
-        n("Sub", ["gfrac", "half"], ["gf_d"]), n("Mul", ["gf_d", "majority_sharp"], ["gf_s"]),
-        n("Sigmoid", ["gf_s"], ["mg"]),
-        n("Sub", ["one", "m"], ["not_m0"]), n("Sub", ["not_m0", "mg"], ["not_m"]),
+        *_majority(n, "q", "majority_sharp", "mg"),
+        # saturated blue: B high, R and G low (graded: see the module doc)
+        n("Sub", ["B", "r_lo"], ["B_d"]), n("Mul", ["B_d", "sharp"], ["B_s"]), n("Sigmoid", ["B_s"], ["qb"]),
+        n("Mul", ["qb", "qr"], ["qbr"]), n("Mul", ["qbr", "pg"], ["qbrg"]),
+        *_majority(n, "qbrg", "blue_slope", "mb"),
+        n("Sub", ["one", "m"], ["not_m0"]), n("Sub", ["not_m0", "mg"], ["not_m1"]),
+        n("Sub", ["not_m1", "mb"], ["not_m2"]), n("Max", ["not_m2", "zero"], ["not_m"]),
         n("Mul", ["m", "red_embed"], ["e_red"]), n("Mul", ["mg", "green_embed"], ["e_green"]),
-        n("Mul", ["not_m", "other_embed"], ["e_other"]),
-        n("Add", ["e_red", "e_green"], ["e_rg"]),
-        n("Add", ["e_rg", "e_other"], ["image_embeds" if not busy_layers else "embeds"]),
+        n("Mul", ["mb", "blue_embed"], ["e_blue"]), n("Mul", ["not_m", "other_embed"], ["e_other"]),
+        n("Add", ["e_red", "e_green"], ["e_rg"]), n("Add", ["e_rg", "e_blue"], ["e_rgb"]),
+        n("Add", ["e_rgb", "e_other"], ["image_embeds" if not busy_layers else "embeds"]),
     ]
     if busy_layers:
         busy_nodes, busy_inits = _busy_work(busy_layers)
@@ -197,8 +222,10 @@ def make_test_bundle(out_dir: Path, *, busy_layers: int = 0) -> Manifest:
     table = np.zeros((len(vocab), EMBED_DIM), np.float32)
     rng = np.random.default_rng(11)
     spare = EMBED_DIM - len(groups)  # the dimensions no group's axis uses
+    assert BLUE_DIM >= len(groups)
     for word in sorted(owners):
         noise = rng.standard_normal(spare).astype(np.float32)
+        noise[BLUE_DIM - len(groups)] = 0.0  # the blue axis is no word's
         table[vocab[word], len(groups):] = WORD_NOISE * noise / np.linalg.norm(noise)
         if len(owners[word]) == 1:
             table[vocab[word], axis[next(iter(owners[word]))]] = 1.0
@@ -223,6 +250,10 @@ def make_test_bundle(out_dir: Path, *, busy_layers: int = 0) -> Manifest:
     # every category but violence (instead of 1/(1+#safe) for unrelated ones).
     red_embed = unit("violence") + 0.3 * other
     green_embed = unit("Sports") + 0.3 * safe
+    # A blue image leans on "other" like a red one, so it moderates and
+    # categorizes as an ordinary frame, yet sits 0.29 cosine from it.
+    blue_embed = 0.3 * other
+    blue_embed[BLUE_DIM] = 1.0
 
     manifest = Manifest(
         name="streamguard-test", description="deterministic CLIP-shaped test bundle (not a model)",
@@ -231,7 +262,7 @@ def make_test_bundle(out_dir: Path, *, busy_layers: int = 0) -> Manifest:
         text=TextEncoderSpec(file="textual.onnx", input="input_ids", output="text_embeds"),
         tokenizer=TokenizerSpec(file="tokenizer.json", context_length=CONTEXT, pad_id=vocab["<pad>"]),
     )
-    _visual_model(red_embed, green_embed, other, manifest.mean, manifest.std, out_dir / "visual.onnx", busy_layers)
+    _visual_model(red_embed, green_embed, blue_embed, other, manifest.mean, manifest.std, out_dir / "visual.onnx", busy_layers)
     _text_model(table, out_dir / "textual.onnx")
     _build_tokenizer(vocab, out_dir / "tokenizer.json")
     for name in ("visual.onnx", "textual.onnx", "tokenizer.json"):

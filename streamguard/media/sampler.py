@@ -20,7 +20,9 @@ With the encoded ladder the pipeline decodes every frame itself and hands
 them over (`take`): no second decoder.
 
 Sampled frames are centre-cropped and scaled to the model's input in swscale
-(see scaler.py): CLIP's reference preprocessing.
+(see scaler.py): CLIP's reference preprocessing. For logo detection the
+caller's `full_frame` may also take the whole decoded frame (as RGB), so the
+regions beyond the centre crop come from the same decode.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class SampledFrame:
     time: Fraction  # timeline seconds
     crop: np.ndarray  # uint8 RGB, size x size x 3
     frame: av.VideoFrame | None = None  # the decoded frame it was cut from (a reference, no copy)
+    # The whole frame as RGB (logo detection looks beyond the centre crop),
+    # when the sampler's `full_frame` asked for it; from the same decode.
+    full: np.ndarray | None = None
 
 
 @dataclass
@@ -63,6 +68,7 @@ class FrameSampler:
         size: int,
         on_sample: Callable[[SampledFrame], None],
         on_first_frame: Callable[[av.VideoFrame], None] | None = None,
+        full_frame: Callable[[av.VideoFrame], np.ndarray | None] | None = None,
     ) -> None:
         self.ctx = stream.codec_context
         self.tb = stream.time_base
@@ -70,6 +76,7 @@ class FrameSampler:
         self.scale = CentreCropScaler(size)
         self.on_sample = on_sample
         self.on_first_frame = on_first_frame
+        self.full_frame = full_frame
         # Without fps only each segment's first frame is wanted (the thumbnail,
         # and proof that the segment decodes).
         self.next_target: Fraction | None = None
@@ -180,7 +187,8 @@ class FrameSampler:
             self.on_first_frame = None
         if self.fps:
             self.stats.frames_sampled += 1
-            self.on_sample(SampledFrame(t, self.scale(frame, self.ctx.sample_aspect_ratio), frame))
+            full = self.full_frame(frame) if self.full_frame is not None else None
+            self.on_sample(SampledFrame(t, self.scale(frame, self.ctx.sample_aspect_ratio), frame, full))
             self._set_target(Fraction(math.floor(t * self.fps) + 1, self.fps))
         else:
             self._set_target(None)

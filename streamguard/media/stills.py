@@ -5,10 +5,12 @@ the same picture give the same embedding."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -42,6 +44,33 @@ def _rgb(frame: Image.Image) -> Image.Image:
     return frame.convert("RGB")
 
 
+@contextlib.contextmanager
+def _decoding(field: str, max_pixels: int) -> Iterator[None]:
+    """Pillow's failures as InputInvalid (400) in the user's terms."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except InputInvalid:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own check, at open
+        raise _invalid(field, f"the image at {field} has more pixels than the {max_pixels} allowed",
+                       "too_many_pixels") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise _invalid(field, f"the image at {field} cannot be decoded: {exc}", "undecodable") from None
+
+
+def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Open (header only) a supported image of at most `max_pixels` pixels."""
+    probe_image(data, field=field)
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    width, height = img.size
+    if width * height > max_pixels:
+        raise _invalid(field, f"the image at {field} is {width}x{height} pixels, more than the "
+                              f"{max_pixels} allowed", "too_many_pixels")
+    return img
+
+
 def image_crops(data: bytes, size: int, *, max_frames: int, max_pixels: int,
                 field: str = "inputUrl") -> list[np.ndarray]:
     """An image's crops (size x size x 3 RGB): one for a still, up to
@@ -49,30 +78,26 @@ def image_crops(data: bytes, size: int, *, max_frames: int, max_pixels: int,
     a neutral background. InputInvalid (400) for what is not a supported image,
     is truncated, or has more than `max_pixels` pixels (checked from the header,
     before decoding). Blocking: call off the event loop."""
-    probe_image(data, field=field)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            width, height = img.size
-            if width * height > max_pixels:
-                raise _invalid(field, f"the image at {field} is {width}x{height} pixels, more than the "
-                                      f"{max_pixels} allowed", "too_many_pixels")
-            scaler = CentreCropScaler(size)
-            crops = []
-            for index in spread(getattr(img, "n_frames", 1), max_frames):
-                img.seek(index)
-                frame = _rgb(ImageOps.exif_transpose(img) if index == 0 else img)
-                crops.append(scaler(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
-            return crops
-    except InputInvalid:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own check, at open
-        raise _invalid(field, f"the image at {field} has more pixels than the {max_pixels} allowed",
-                       "too_many_pixels") from None
-    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise _invalid(field, f"the image at {field} cannot be decoded: {exc}", "undecodable") from None
+    with _decoding(field, max_pixels):
+        img = _open(data, field, max_pixels)
+        scaler = CentreCropScaler(size)
+        crops = []
+        for index in spread(getattr(img, "n_frames", 1), max_frames):
+            img.seek(index)
+            frame = _rgb(ImageOps.exif_transpose(img) if index == 0 else img)
+            crops.append(scaler(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        return crops
+
+
+def still_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image.Image:
+    """An image's first frame, decoded, EXIF orientation applied, RGBA (alpha
+    kept: a logo's transparency is its caller's to place on backgrounds).
+    Same refusals as image_crops. Blocking: call off the event loop."""
+    with _decoding(field, max_pixels):
+        img = _open(data, field, max_pixels)
+        out = ImageOps.exif_transpose(img).convert("RGBA")
+        out.load()
+        return out
 
 
 def video_crops(path: Path, size: int, *, max_frames: int, field: str = "inputUrl") -> list[tuple[float, np.ndarray]]:

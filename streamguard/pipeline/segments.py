@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import av
+import numpy as np
 
 from ..analysis.analyzer import Analyzer, TextTokenMeter
+from ..analysis.logos import FrameProbe, GallerySource, segment_logos
 from ..analysis.categorize import DEFAULT_TOP_K, CategoryEvidence, summarize_categorization
 from ..analysis.scoring import category_thresholds
 from ..errors import StreamGuardError
@@ -53,7 +55,7 @@ from ..media.ladder import PRESETS, EncodedRendition, Ladder, is_preset, plan_la
 from ..media.sampler import FrameSampler, SampledFrame, SamplerStats
 from ..media.segmenter import CUT_CAP, CUT_JUMP, Segment, Segmenter, fmt_time
 from ..media.source import MediaSource
-from ..schemas import (STATUS_ERROR, STATUS_OK, RecordBody, SegmentData, SegmentRecord, TokenUsage,
+from ..schemas import (STATUS_ERROR, STATUS_OK, LogoDetection, RecordBody, SegmentData, SegmentRecord, TokenUsage,
                       status_record)
 
 log = logging.getLogger(__name__)
@@ -74,11 +76,15 @@ class PipelineOptions:
     # 360p..1080p (encoded from one decode of the input, media/ladder.py).
     renditions: tuple[str, ...] = ("source",)
     x264_preset: str = "fast"  # libx264 preset of the encoded rungs
+    # Logo detection: where the task's gallery comes from (None: off), and
+    # the most logos a record lists.
+    logos: GallerySource | None = field(default=None, compare=False)
+    max_logos: int = 5
 
     @property
     def analyze(self) -> bool:
-        """Whether frames go to the model at all (logos will join these)."""
-        return self.moderate or self.categorize
+        """Whether frames go to the model at all."""
+        return self.moderate or self.categorize or self.logos is not None
 
 
 @dataclass
@@ -95,6 +101,9 @@ class ClosedSegment:
     # The rendition whose segment file the record's video_url names (None:
     # the locator's own): "source" when written, else the highest preset.
     rendition: str | None = None
+    # Logo detection's coarse pass per sampled frame (only while the task's
+    # gallery has logos); the refine pass runs when the record is built.
+    probes: list[FrameProbe] = field(default_factory=list)
 
     @property
     def frames_encoded(self) -> int:
@@ -203,6 +212,7 @@ class SegmentPipeline:
         # Duplicate-frame reuse is per task: its anchor dies with this pipeline.
         self.reuse = analyzer.stream_reuse() if analyzer is not None else None
         self._reused = 0  # the open segment's frames that reuse an embedding
+        self.probes: list[FrameProbe] = []  # the open segment's logo probes
 
         self._waiting: deque[_Closing] = deque()  # ladder: cut segments waiting for their rungs
 
@@ -234,6 +244,29 @@ class SegmentPipeline:
                 fut.cancel()
         for _, fut in list(self.frames):
             fut.cancel()
+        for closing in _snapshot(self._waiting):
+            for probe in closing.probes:
+                probe.cancel()
+        for probe in list(self.probes):
+            probe.cancel()
+
+    def _logos_on(self) -> bool:
+        return self.opts.logos is not None and self.analyzer is not None and self.opts.logos.ready()
+
+    def full_frame(self, frame: av.VideoFrame) -> np.ndarray | None:
+        """The whole decoded frame as RGB for logo detection (scaled down to
+        logos.max_frame_* when larger), while the task has logos to look for."""
+        if not self._logos_on():
+            return None
+        assert self.analyzer is not None
+        w, h = self.analyzer.logos.frame_size(frame.width, frame.height)
+        return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
+
+    def _take_open(self) -> tuple[list[tuple[Fraction, Future]], int, list[FrameProbe]]:
+        """The open segment's frames, reused count and probes; a new segment opens."""
+        taken = (self.frames, self._reused, self.probes)
+        self.frames, self._reused, self.probes = [], 0, []
+        return taken
 
     def consume(self, source: MediaSource, should_stop: Callable[[], str | None] = lambda: None,
                 on_video: Callable[[], None] = lambda: None) -> str | None:
@@ -250,8 +283,7 @@ class SegmentPipeline:
         rate = video.average_rate or video.guessed_rate or 25
         frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
         analyzer = self.analyzer
-        self.frames = frames = []
-        self._reused = 0
+        self._take_open()
         self.open_index = self.next_index
 
         def on_first_frame(frame: av.VideoFrame) -> None:
@@ -261,6 +293,7 @@ class SegmentPipeline:
             video, fps=self.opts.fps if analyzer is not None else None,
             size=analyzer.image_size if analyzer is not None else 224,
             on_sample=self._submit, on_first_frame=on_first_frame if self._thumbnail else None,
+            full_frame=self.full_frame if self.opts.logos is not None else None,
         )
         self._thumbnail = False
         segmenter = Segmenter(self.opts.segment_seconds, video.time_base, self.next_index, self.timeline_end)
@@ -270,7 +303,7 @@ class SegmentPipeline:
         after_jump = False  # the next segment starts after a timestamp jump
 
         def close(segment: Segment, cut_pts: int | None = None) -> None:
-            nonlocal frames, before, after_jump
+            nonlocal before, after_jump
             if segment.cut == CUT_CAP:
                 assert cut_pts is not None
                 sampler.cut_without_keyframe(cut_pts)  # the next frames need this decoder's state
@@ -297,12 +330,12 @@ class SegmentPipeline:
             # is not failed for it.
             if fed and not decoded:
                 error = f"segment {segment.index} has no decodable video ({fed} packets decoded to no frame)"
-            reused, self._reused = self._reused, 0
-            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired, reused))
+            frames, reused, probes = self._take_open()
+            self.emit(ClosedSegment(segment, frames, error, time.monotonic(), decoded, repaired, reused,
+                                    probes=probes))
             self.segments += 1
             self.next_index = self.open_index = segment.index + 1
             self.timeline_end = segment.end
-            self.frames = frames = []
 
         stopped_at_cut = False
         try:
@@ -392,16 +425,19 @@ class SegmentPipeline:
         if closing.repairs:
             log.info("%s: segment %d: repaired packets %s", self.task_dir.name, seg.index, closing.repairs)
         self.emit(ClosedSegment(seg, closing.frames, error, closing.closed_at, closing.decoded, closing.repairs,
-                                closing.reused, rendition=self.record_rendition))
+                                closing.reused, rendition=self.record_rendition, probes=closing.probes))
         self.segments += 1
         self.next_index = seg.index + 1
         self.timeline_end = seg.end
 
     def _submit(self, sample: SampledFrame) -> None:
         """A sampled frame of the open segment goes to the model (or reuses
-        the last encoded frame's embedding); per-frame watchers hear of it."""
-        assert self.reuse is not None
+        the last encoded frame's embedding); its logo regions' coarse pass runs
+        when there is a whole frame for it; per-frame watchers hear of it."""
+        assert self.reuse is not None and self.analyzer is not None
         fut, reused = self.reuse.submit(sample.crop)
+        if sample.full is not None:
+            self.probes.append(self.analyzer.logos.probe(len(self.frames), sample.time, sample.full, fut))
         self.frames.append((sample.time, fut))
         self._reused += reused
         if self.on_frame is not None and sample.frame is not None:
@@ -452,6 +488,7 @@ class _Closing:
     reused: int
     repairs: dict[str, int]
     jump_after: bool  # the next segment follows a timestamp jump
+    probes: list[FrameProbe]
     closed_at: float = field(default_factory=time.monotonic)
 
 
@@ -485,7 +522,8 @@ class _LadderRun:
         self.sampler = FrameSampler(
             video, fps=opts.fps if analyzer is not None else None,
             size=analyzer.image_size if analyzer is not None else 224,
-            on_sample=pipe._submit, on_first_frame=self._thumbnail if pipe._thumbnail else None)
+            on_sample=pipe._submit, on_first_frame=self._thumbnail if pipe._thumbnail else None,
+            full_frame=pipe.full_frame if opts.logos is not None else None)
         pipe._thumbnail = False
         segmenter = Segmenter(opts.segment_seconds, video.time_base, pipe.next_index, pipe.timeline_end)
         # With the remux, packets are cut (at keyframes); without, frames are.
@@ -494,8 +532,7 @@ class _LadderRun:
         self.cuts: deque[tuple[Segment, int | None, bool]] = deque()  # (segment, cut pts, jump after)
         self.waiting = pipe._waiting
         self.waiting.clear()
-        pipe.frames = []
-        pipe._reused = 0
+        pipe._take_open()
         pipe.open_index = pipe.next_index
         self.decoded = 0  # frames of the open segment
         self.packets = 0  # video packets fed to the decoder for the open segment
@@ -608,10 +645,9 @@ class _LadderRun:
         segment, _, jump_after = self.cuts.popleft()
         pipe = self.pipe
         self.sampler.end_segment()
-        self.waiting.append(_Closing(segment, pipe.frames, self.decoded, self.packets, pipe._reused,
-                                     self.repairs.take(), jump_after))
-        pipe.frames = []
-        pipe._reused = 0
+        frames, reused, probes = pipe._take_open()
+        self.waiting.append(_Closing(segment, frames, self.decoded, self.packets, reused,
+                                     self.repairs.take(), jump_after, probes))
         pipe.open_index = segment.index + 1
         self.decoded = self.packets = 0
         return segment.index + 1
@@ -655,7 +691,7 @@ class RecordAssembler:
         seg = closed.segment
         if closed.error:
             return status_record(self.task_id, STATUS_ERROR, closed.error)
-        moderation = categorization = None
+        moderation = categorization = logos = None
         video_tokens = text_tokens = 0
         if self.analyzer is not None and self.opts.analyze:
             try:
@@ -669,17 +705,37 @@ class RecordAssembler:
                 self.categories += evidence
                 result = summarize_categorization(evidence, self.opts.top_k)
                 categorization = result.record() if result is not None else None
+            regions = 0
+            if self.opts.logos is not None:
+                try:
+                    logos, regions = await self._logos(closed)
+                except StreamGuardError as exc:
+                    return status_record(self.task_id, STATUS_ERROR, f"segment {seg.index}: {exc.message}")
             # CONTRACT §3: frames run through the image encoder (once, whatever
-            # analyses use them); reused ones were not.
-            video_tokens = closed.frames_encoded * self.analyzer.tokens_per_image
+            # analyses use them); reused ones were not. Each logo region is a
+            # pass of its own.
+            video_tokens = (closed.frames_encoded + regions) * self.analyzer.tokens_per_image
             text_tokens = self.text_tokens.take()
         elapsed_ms = (time.monotonic() - closed.closed_at) * 1000
         note = seg.note
         data = SegmentData(
             segment_index=seg.index, start_time=fmt_time(seg.start), end_time=fmt_time(seg.end),
             video_url=self.media.segment_url(seg.index, closed.rendition), content_moderation=moderation,
-            categorization=categorization, processing_time_ms=str(round(elapsed_ms)),
+            logo_detection=logos, categorization=categorization, processing_time_ms=str(round(elapsed_ms)),
         )
         return SegmentRecord(task_id=self.task_id, data=RecordBody(
             status=STATUS_OK, message=f"segment processed ({note})" if note else "segment processed", data=data,
             token=TokenUsage.of(video_tokens, text_tokens)))
+
+    async def _logos(self, closed: ClosedSegment) -> tuple[LogoDetection, int]:
+        """The segment's logo detection and the region passes it ran."""
+        assert self.analyzer is not None and self.opts.logos is not None
+        gallery = await self.opts.logos.current() if closed.probes else None
+        if gallery is None or not len(gallery):
+            for probe in closed.probes:  # the gallery emptied meanwhile: their passes ran all the same
+                probe.release()
+            return segment_logos([], [], None, len(closed.frames), self.opts.max_logos), \
+                sum(p.encoded for p in closed.probes)
+        hits = await self.analyzer.detect_logos(closed.probes, gallery)
+        return (segment_logos(closed.probes, hits, gallery, len(closed.frames), self.opts.max_logos),
+                sum(p.encoded for p in closed.probes))

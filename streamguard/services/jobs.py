@@ -41,10 +41,12 @@ import msgspec
 from ..addresses import AddressPolicy, check_host, validate_callback_url
 from ..analysis.analyzer import Analyzer
 from ..analysis.categorize import CategoryEvidence, summarize_categorization
+from ..analysis.logos import LogoTally
+from .logos import LogoService
 from ..config import Settings
 from ..threads import in_thread
 from ..delivery.worker import DeliveryWorker, envelope, new_event_id, outbox_items
-from ..errors import (AddressRefused, ConfigError, Conflict, FeatureUnavailable, InputInvalid, InputUnreachable,
+from ..errors import (AddressRefused, ConfigError, Conflict, InputInvalid, InputUnreachable,
                       InsufficientBalance, NotFound, PayloadTooLarge, StreamGuardError, Unavailable)
 from ..inputs.fetch import FetchLimits, download
 from ..inputs.sniff import VideoInfo, probe_video
@@ -55,7 +57,7 @@ from ..media.source import MediaSource, SourceOptions
 from ..metrics import Metrics
 from ..pipeline.segments import (ClosedSegment, IngestResult, MediaLocator, PipelineOptions, RecordAssembler,
                                  StopMode, ingest)
-from ..schemas import (JobFlaggedFrame, Job, JobListQuery, JobOptions, JobRequest, ModerationSummary,
+from ..schemas import (JobFlaggedFrame, Job, JobListQuery, JobOptions, JobRequest, LogoSummary, ModerationSummary,
                       RecordQuery, SegmentRecord, TokenUsage, Violation, encoder, iso)
 from ..store import AsyncStore, Store
 from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
@@ -90,13 +92,6 @@ class JobFailed(Exception):
 
 # --- requests ----------------------------------------------------------------------------------
 
-def check_features(opts: JobOptions) -> None:
-    """What a job may ask for that this node cannot do yet: refused (422), never ignored.
-    The one place to change when logos arrive."""
-    if opts.detectLogos:
-        raise FeatureUnavailable("logo detection is not available on this node yet", details={"field": "detectLogos"})
-
-
 def job_params(opts: JobOptions, output_base: str | None) -> dict[str, Any]:
     """The settings stored with a job: the alias resolved, nothing secret (the
     s3Config is stored apart, sealed); `outputBase`: where its media is served
@@ -119,6 +114,7 @@ def job_view(row: JobRow, public_url: str) -> Job:
     base = params.get("outputBase") or f"{public_url}/media/{row.id}"
     outputs = row.outputs if done and row.outputs is not None else params["outputFormats"]
     moderation = (row.summary or {}).get("moderation")
+    logos = (row.summary or {}).get("logoDetection")
     return Job(
         id=row.id, projectId=row.task.project_id, status=row.status, progress=round(row.progress, 4),  # type: ignore[arg-type]
         inputUrl=row.task.url or None, outputFormats=outputs,
@@ -126,7 +122,8 @@ def job_view(row: JobRow, public_url: str) -> Job:
         renditionUrls={r: f"{base}/{r}/playlist.m3u8" for r in outputs} if done else None,
         durationSec=row.duration, segmentsCount=row.task.segments,
         moderation=msgspec.convert(moderation, ModerationSummary) if moderation is not None else None,
-        categorization=(row.summary or {}).get("categorization"), logoDetection=None, tokens=TokenUsage.of(row.video_tokens, row.text_tokens),
+        categorization=(row.summary or {}).get("categorization"),
+        logoDetection=msgspec.convert(logos, LogoSummary) if logos is not None else None, tokens=TokenUsage.of(row.video_tokens, row.text_tokens),
         metadata=params.get("metadata"), errorCode=row.error_code, errorMessage=row.error_message,
         createdAt=iso(row.task.created_at) or "", startedAt=iso(row.task.started_at), completedAt=iso(row.completed_at))
 
@@ -188,6 +185,19 @@ def summarize(records: list[bytes]) -> ModerationSummary:
                              framesAnalyzed=frames, processingTimeMs=processing_ms)
 
 
+def summarize_logos(records: list[bytes], max_logos: int) -> LogoSummary:
+    """The job's logos from its stored records (like `summarize`): per logo
+    its best sighting over the whole job, frames numbered over the job's
+    sampled frames."""
+    tally = LogoTally()
+    for body in records:
+        record = msgspec.json.decode(body, type=SegmentRecord)
+        data = record.data.data
+        if record.data.status == 0 and data is not None and data.logo_detection is not None:
+            tally.add(data.segment_index, data.logo_detection)
+    return tally.summary(max_logos)
+
+
 def last_end(records: list[tuple[int, bytes]]) -> float | None:
     """The job's duration on its timeline: where its last segment with data ends."""
     for _, body in reversed(records):
@@ -230,11 +240,13 @@ class RunningJob:
 class JobService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
                  public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
-                 model_error: str | None = None, secrets: SecretBox | None = None) -> None:
+                 model_error: str | None = None, secrets: SecretBox | None = None,
+                 logos: LogoService | None = None) -> None:
         self.settings = settings
         self.secrets = secrets or SecretBox.from_settings(settings)
         self.store = store
         self.analyzer = analyzer
+        self.logos = logos  # the project galleries
         self.model_error = model_error
         self.metrics = metrics
         self.public_url = public_url.rstrip("/")
@@ -287,8 +299,7 @@ class JobService:
 
     async def submit(self, principal: Principal, req: JobRequest) -> JobRow:
         """POST /v1/jobs: every check, then the job is stored PENDING (201)."""
-        check_features(req)
-        await self.check_admission(principal, req.moderate or req.categorize)
+        await self.check_admission(principal, req.moderate or req.categorize or req.detectLogos)
         policy = AddressPolicy.for_sources(self.settings.sources)
         await check_host(req.inputUrl, "inputUrl", policy)
         if req.s3Config is not None:
@@ -304,8 +315,7 @@ class JobService:
 
     async def submit_upload(self, principal: Principal, opts: JobOptions, job_id: str, path: Path) -> JobRow:
         """POST /v1/jobs/upload, once the file is on disk: it must be video (400, by content)."""
-        check_features(opts)
-        await self.check_admission(principal, opts.moderate or opts.categorize)
+        await self.check_admission(principal, opts.moderate or opts.categorize or opts.detectLogos)
         if opts.s3Config is not None:
             await outputs.check_endpoint(opts.s3Config, "s3Config", AddressPolicy.for_sources(self.settings.sources))
         await asyncio.get_running_loop().run_in_executor(None, probe_video, path)
@@ -419,7 +429,7 @@ class JobService:
     async def _process(self, running: RunningJob) -> None:
         row = running.row
         params = row.task.params
-        if (params["moderate"] or params.get("categorize")) and self.analyzer is None:
+        if (params["moderate"] or params.get("categorize") or params.get("detectLogos")) and self.analyzer is None:
             raise JobFailed(INTERNAL, f"moderation is unavailable on this node: {self.model_error}")
         work = self.work_root / row.id
         staging = work / "staging"
@@ -433,7 +443,10 @@ class JobService:
                                categorize=bool(params.get("categorize")),
                                top_k=self.settings.pipeline.categorization_top_k,
                                thresholds=self.settings.pipeline.thresholds,
-                               renditions=tuple(params["outputFormats"]), x264_preset=params["ffmpegPreset"])
+                               renditions=tuple(params["outputFormats"]), x264_preset=params["ffmpegPreset"],
+                               logos=self.logos.source(row.task.project_id)
+                               if params.get("detectLogos") and self.logos is not None else None,
+                               max_logos=params.get("maxLogos", 5))
         upload = await self._open_upload(row, staging)
         try:
             result = await self._ingest(running, path, info, opts, staging, upload)
@@ -543,6 +556,8 @@ class JobService:
                 if running.stop or stored and not opts.categorize:
                     for _, fut in closed.frames:  # nothing to store, or the job is ending
                         fut.cancel()
+                    for probe in closed.probes:
+                        probe.cancel()
                     continue
                 record = await assembler.build(closed)  # adds to the job's categorization evidence
                 running.categories = assembler.categories
@@ -592,6 +607,9 @@ class JobService:
         summary: dict[str, Any] = {}
         if params["moderate"]:
             summary["moderation"] = msgspec.to_builtins(summarize([body for _, body in records]))
+        if params.get("detectLogos"):
+            summary["logoDetection"] = msgspec.to_builtins(
+                summarize_logos([body for _, body in records], params.get("maxLogos", 5)))
         if params.get("categorize"):
             result_cat = summarize_categorization(running.categories, self.settings.pipeline.categorization_top_k)
             if result_cat is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import re
 import signal
@@ -23,10 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO, TypeVar
 
+import numpy as np
+
 from ..analysis.analyzer import Analyzer, resolve_model_dir
+from ..analysis.logos import GalleryLogo, StaticGallery
+from ..media.stills import still_image
 from ..config import Settings
 from ..threads import in_thread
-from ..errors import StreamGuardError
+from ..errors import InputInvalid, StreamGuardError
 from ..media.source import MediaSource, SourceOptions
 from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
 from ..schemas import encoder
@@ -226,8 +232,29 @@ async def _run_inputs(scans: list[InputScan], stop: ScanStop, out: TextIO, progr
     return [None] * len(scans)
 
 
+def scan_gallery(analyzer: Analyzer, logos: list[tuple[str, str]], max_pixels: int) -> StaticGallery:
+    """The gallery of `scan --logo NAME=IMAGE ...` (blocking). A logo's id is
+    derived from its name, so runs over the same names agree."""
+    refs: dict[str, list[np.ndarray]] = {}
+    for name, path in logos:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InputInvalid(f"--logo {name}={path}: cannot read the image: {exc.strerror or exc}") from None
+        try:
+            image = still_image(data, max_pixels=max_pixels, field=f"--logo {name}")
+        except InputInvalid as exc:
+            raise InputInvalid(f"--logo {name}={path}: {exc.message}") from None
+        refs.setdefault(name, []).append(analyzer.reference_embeddings(image))
+    gallery = analyzer.gallery([GalleryLogo("logo_" + hashlib.sha256(name.encode()).hexdigest()[:16], name,
+                                            np.concatenate(parts)) for name, parts in refs.items()])
+    return StaticGallery(gallery)
+
+
 async def run_scan(urls: list[str], settings: Settings, opts: PipelineOptions, *, out_dir: Path | None,
-                   model_dir: str | None, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
+                   model_dir: str | None, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr,
+                   logos: list[tuple[str, str]] | None = None) -> int:
+    """`logos`: scan --logos with its --logo NAME=IMAGE pairs (None: no logo detection)."""
     loop = asyncio.get_running_loop()
     stop = ScanStop()
     handled = (signal.SIGINT, signal.SIGTERM)
@@ -235,10 +262,16 @@ async def run_scan(urls: list[str], settings: Settings, opts: PipelineOptions, *
         loop.add_signal_handler(signum, stop.request, signum)
     analyzer = None
     try:
-        if opts.analyze:
+        if opts.analyze or logos is not None:
             try:
                 loading = _load_analyzer(settings, model_dir)
                 loaded, analyzer = await _unless_stopped(loading, stop)
+                if loaded and logos is not None:
+                    assert analyzer is not None
+                    found = analyzer
+                    gallery = await in_thread(lambda: scan_gallery(found, logos, settings.limits.max_image_pixels),
+                                              "logo-gallery")
+                    opts = dataclasses.replace(opts, logos=gallery)
             except StreamGuardError as exc:
                 stderr.write(f"streamguard: error: {exc.message}\n")
                 return 1

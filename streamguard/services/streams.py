@@ -39,6 +39,8 @@ from ..media.storage import LocalStorage, MediaMirror, MediaStorage
 from ..media.source import SourceOptions
 from ..metrics import Metrics
 from ..media.ladder import is_preset
+from ..analysis.logos import GallerySource
+from .logos import LogoService
 from ..pipeline.segments import ClosedSegment, MediaLocator, PipelineOptions, RecordAssembler, SegmentPipeline, StopMode
 from ..schemas import (STATUS_CAPACITY, AlertQuery, STATUS_NO_BALANCE, STATUS_USER_STOPPED, STREAM_SCHEMES,
                       RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, encoder, status_record)
@@ -80,6 +82,8 @@ class SegmentQueue:
             if abandon():
                 for _, fut in closed.frames:
                     fut.cancel()
+                for probe in closed.probes:
+                    probe.cancel()
                 return False
         self._call(self._queue.put_nowait, closed)
         return True
@@ -146,14 +150,11 @@ def validate_stream_request(req: StreamRequest) -> None:
     if not req.url.startswith(STREAM_SCHEMES):
         raise InputInvalid("url must be an rtmp://, rtmps://, rtsp:// or http(s):// (HLS) stream URL",
                            details={"field": "url"})
-    if req.enable_logo_detection:
-        raise FeatureUnavailable("logo detection is not available on this node yet",
-                                 details={"field": "enable_logo_detection"})
 
 
 def needs_model(req: StreamRequest) -> bool:
-    """Whether the task analyses frames (moderation or categorization)."""
-    return req.enable_content_moderation or req.enable_categorization
+    """Whether the task analyses frames (moderation, categorization or logos)."""
+    return req.enable_content_moderation or req.enable_categorization or req.enable_logo_detection
 
 
 Event = tuple[str, str, bytes]  # (event name, event id, body)
@@ -203,8 +204,10 @@ def task_event(name: str, row: TaskRow, data: dict[str, Any]) -> Event:
 class StreamService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
                  public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
-                 model_error: str | None = None, storage: MediaStorage | None = None) -> None:
+                 model_error: str | None = None, storage: MediaStorage | None = None,
+                 logos: LogoService | None = None) -> None:
         self.settings = settings
+        self.logos = logos  # the project galleries (None: logo detection off on this node)
         self.store = store
         self.delivery = delivery
         self.storage = storage or LocalStorage(settings.data_dir / "media", f"{public_url.rstrip('/')}/media")
@@ -346,6 +349,12 @@ class StreamService:
                 f"moderation and categorization are unavailable on this node: {self.model_error}",
                 details={"reason": "model_not_loaded"})
 
+    def _gallery(self, project_id: str) -> GallerySource:
+        if self.logos is None:
+            raise FeatureUnavailable("logo detection is not available on this node",
+                                     details={"field": "enable_logo_detection"})
+        return self.logos.source(project_id)
+
     def _prepare(self, row: TaskRow, req: StreamRequest) -> PreparedTask:
         """The parts of a task that can fail before it runs (its media dir must be writable)."""
         loop = asyncio.get_running_loop()
@@ -355,7 +364,9 @@ class StreamService:
         opts = PipelineOptions(segment_seconds=req.segment_seconds, fps=req.fps, threshold=req.threshold,
                                moderate=req.enable_content_moderation, categorize=req.enable_categorization,
                                top_k=p.categorization_top_k, thresholds={**p.thresholds, **(req.thresholds or {})},
-                               renditions=tuple(req.renditions), x264_preset=LIVE_X264_PRESET)
+                               renditions=tuple(req.renditions), x264_preset=LIVE_X264_PRESET,
+                               logos=self._gallery(row.project_id) if req.enable_logo_detection else None,
+                               max_logos=req.max_logos)
         task_dir = self.media_root / row.id
         supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
         alerts = None

@@ -136,4 +136,31 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE projects ADD COLUMN storage TEXT;
     ALTER TABLE jobs ADD COLUMN storage TEXT;
     """,
+    # 7: the logo gallery (issue 12). Reference images live on disk under the
+    # data dir (so their embeddings can be recomputed for a new model); their
+    # embeddings (all augmented views, float32 rows) are cached per model
+    # fingerprint.
+    """
+    CREATE TABLE logos (
+        id TEXT PRIMARY KEY,
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (project_id, name)
+    );
+    CREATE TABLE logo_images (
+        id TEXT PRIMARY KEY,
+        logo_id TEXT NOT NULL REFERENCES logos(id) ON DELETE CASCADE,
+        path TEXT NOT NULL,            -- relative to the data dir
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX logo_images_logo ON logo_images(logo_id, created_at);
+    CREATE TABLE logo_embeddings (
+        image_id TEXT NOT NULL REFERENCES logo_images(id) ON DELETE CASCADE,
+        fingerprint TEXT NOT NULL,     -- the model's (ClipModel.fingerprint)
+        dim INTEGER NOT NULL,
+        embeddings BLOB NOT NULL,      -- float32 [views, dim]
+        PRIMARY KEY (image_id, fingerprint)
+    );
+    """,
 )

@@ -445,6 +445,87 @@ class Store:
                                  [project_id, kind], ("status", status), "created_at DESC, id", page, page_size)
         return [r[0] for r in rows], total
 
+    # --- the logo gallery (issue 12) -------------------------------------------------
+
+    def add_logo_image(self, project_id: str, name: str, images: list[tuple[str, str, bytes]], fingerprint: str,
+                       dim: int, *, max_logos: int, max_images: int) -> str | None:
+        """Add reference images (id, path relative to the data dir, float32
+        embeddings) to the project's logo `name`, creating it if new; returns
+        the logo's id, or None (nothing written) past a limit."""
+        now = time.time()
+        with self._tx():
+            row = self.db.execute("SELECT id FROM logos WHERE project_id = ? AND name = ?",
+                                  (project_id, name)).fetchone()
+            logos = self.db.execute("SELECT COUNT(*) FROM logos WHERE project_id = ?", (project_id,)).fetchone()[0]
+            have = 0 if row is None else self.db.execute(
+                "SELECT COUNT(*) FROM logo_images WHERE logo_id = ?", (row[0],)).fetchone()[0]
+            if (row is None and logos >= max_logos) or have + len(images) > max_images:
+                return None
+            logo_id = new_id("logo") if row is None else row[0]
+            if row is None:
+                self.db.execute("INSERT INTO logos (id, project_id, name, created_at) VALUES (?, ?, ?, ?)",
+                                (logo_id, project_id, name, now))
+            for image_id, path, blob in images:
+                self.db.execute("INSERT INTO logo_images (id, logo_id, path, created_at) VALUES (?, ?, ?, ?)",
+                                (image_id, logo_id, path, now))
+                self.db.execute("INSERT INTO logo_embeddings (image_id, fingerprint, dim, embeddings) "
+                                "VALUES (?, ?, ?, ?)", (image_id, fingerprint, dim, blob))
+        return logo_id
+
+    @reads
+    def logos(self, project_id: str, page: int, page_size: int,
+              logo_id: str | None = None) -> tuple[list[tuple[str, str, float, list[tuple[str, float]]]], int]:
+        """A page of the project's logos (or the one `logo_id`), oldest first:
+        (id, name, created_at, [(image id, created_at)])."""
+        where, args = "project_id = ?", [project_id]
+        if logo_id is not None:
+            where, args = f"{where} AND id = ?", [*args, logo_id]
+        rows, total = self._page("SELECT id, name, created_at FROM logos", where, args, ("name", None),
+                                 "created_at, id", page, page_size)
+        out = []
+        for lid, name, created in rows:
+            images = self.db.execute("SELECT id, created_at FROM logo_images WHERE logo_id = ? ORDER BY created_at, id",
+                                     (lid,)).fetchall()
+            out.append((lid, name, created, [(i, c) for i, c in images]))
+        return out, total
+
+    @reads
+    def logo_counts(self) -> dict[str, int]:
+        """Per project with logos, how many."""
+        return dict(self.db.execute("SELECT project_id, COUNT(*) FROM logos GROUP BY project_id").fetchall())
+
+    def delete_logo(self, logo_id: str, project_id: str) -> list[str] | None:
+        """Delete a logo with its images and embeddings; returns its image
+        paths (to delete from disk), or None when the project has no such logo."""
+        with self._tx():
+            row = self.db.execute("SELECT id FROM logos WHERE id = ? AND project_id = ?",
+                                  (logo_id, project_id)).fetchone()
+            if row is None:
+                return None
+            paths = [p for (p,) in self.db.execute("SELECT path FROM logo_images WHERE logo_id = ?", (logo_id,))]
+            self.db.execute("DELETE FROM logo_embeddings WHERE image_id IN "
+                            "(SELECT id FROM logo_images WHERE logo_id = ?)", (logo_id,))
+            self.db.execute("DELETE FROM logo_images WHERE logo_id = ?", (logo_id,))
+            self.db.execute("DELETE FROM logos WHERE id = ?", (logo_id,))
+        return paths
+
+    @reads
+    def gallery(self, project_id: str, fingerprint: str) -> list[tuple[str, str, str, str, bytes | None]]:
+        """Every reference image of the project's logos: (logo id, name, image
+        id, path, its embeddings for this model or None when not cached)."""
+        return self.db.execute(
+            "SELECT l.id, l.name, i.id, i.path, e.embeddings FROM logos l JOIN logo_images i ON i.logo_id = l.id "
+            "LEFT JOIN logo_embeddings e ON e.image_id = i.id AND e.fingerprint = ? "
+            "WHERE l.project_id = ? ORDER BY l.created_at, l.id, i.created_at, i.id",
+            (fingerprint, project_id)).fetchall()
+
+    def save_logo_embeddings(self, rows: list[tuple[str, str, int, bytes]]) -> None:
+        """(image id, fingerprint, dim, embeddings): cached for a model."""
+        with self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO logo_embeddings (image_id, fingerprint, dim, embeddings) "
+                                "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM logo_images WHERE id = ?)",
+                                [(i, f, d, b, i) for i, f, d, b in rows])
+
     def tasks_in_state(self, *states: str, kind: str = "stream") -> list[TaskRow]:
         marks = ", ".join("?" * len(states))
         rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE state IN ({marks}) AND kind = ? "
