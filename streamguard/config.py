@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
@@ -41,6 +42,9 @@ class ServerSettings(_Section, kw_only=True):
 
 class StorageSettings(_Section, kw_only=True):
     data_dir: str = "./var"
+    # Empty: SQLite under data_dir (one node). postgresql://user:pass@host/db:
+    # a PostgreSQL database that several nodes share (CONTRACT section 7).
+    database_url: str = ""
     retention_days: Annotated[float, Meta(gt=0)] = 3.0
     # Live media (segments, playlists) is deleted this many hours after it was
     # written; fractions of an hour are fine (0.25 = 15 minutes).
@@ -51,6 +55,10 @@ class StorageSettings(_Section, kw_only=True):
     min_free_bytes: Annotated[int, Meta(ge=0)] = 1 << 30
     # Seconds between media retention sweeps (they run off the event loop).
     sweep_interval_seconds: PosFloat = 60.0
+
+    def __post_init__(self) -> None:
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("storage.database_url must be empty (SQLite) or a postgresql:// URL")
 
 
 class ModelSettings(_Section, kw_only=True):
@@ -196,6 +204,17 @@ class JobsSettings(_Section, kw_only=True):
     download_timeout: PosFloat = 600.0
 
 
+class ClusterSettings(_Section, kw_only=True):
+    # This node's name among the nodes sharing storage.database_url (shown as
+    # `node` on live tasks); empty = the host name. Unique per node.
+    node_id: str = ""
+    # A node owns each live task and running job it runs through a lease in
+    # the database, renewed every third of this; a node that stops renewing
+    # (dead, paused, cut off) loses them to another node once it runs out.
+    # Only with PostgreSQL: a single node on SQLite owns everything.
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 10.0
+
+
 class Settings(_Section, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -207,10 +226,15 @@ class Settings(_Section, kw_only=True):
     sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
 
     @property
     def data_dir(self) -> Path:
         return Path(self.storage.data_dir)
+
+    @property
+    def node_id(self) -> str:
+        return self.cluster.node_id or socket.gethostname()
 
 
 def _parse_env_value(raw: str) -> Any:
