@@ -17,7 +17,8 @@ from .delivery.worker import DeliveryWorker
 from .media.retention import DiskSpace, MediaRetention
 from .metrics import Metrics
 from .services.projects import ProjectService
-from .store import AsyncStore, Store
+from .services.cluster import LeaseKeeper, Ownership
+from .store import AsyncStore, Store, open_async_store
 from .services.jobs import JobService
 from .services.streams import StreamService
 
@@ -61,6 +62,7 @@ class Runtime:
     retention: MediaRetention
     jobs: JobService
     model_error: str | None = None
+    leases: LeaseKeeper | None = None  # several nodes on a shared store (services/cluster.py)
     _housekeeping: asyncio.Task | None = None
 
     @property
@@ -69,31 +71,39 @@ class Runtime:
 
     @classmethod
     async def create(cls, settings: Settings, model_dir: str | None = None) -> "Runtime":
-        loop = asyncio.get_running_loop()
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        store = AsyncStore(await loop.run_in_executor(None, Store, data_dir / "streamguard.db"))
+        store = await open_async_store(settings)
+        ownership = Ownership.of(settings)
+        log.info("node %s: %s store", ownership.node, "shared PostgreSQL" if ownership.shared else "SQLite")
         metrics = Metrics()
         analyzer, model_error = await load_analyzer(settings, model_dir, metrics)
         disk = DiskSpace(data_dir, settings.storage.min_free_bytes)
         retention = MediaRetention(data_dir / "media", settings.storage.media_retention_hours * 3600, disk)
         public = settings.server.public_url or f"http://{settings.server.host}:{settings.server.port}"
-        delivery = DeliveryWorker(store, settings.delivery, metrics)
+        delivery = DeliveryWorker(store, settings.delivery, metrics, ownership.node if ownership.shared else None)
         delivery.start()
         streams = StreamService(settings, store, analyzer, metrics, public, delivery, disk=disk,
-                                model_error=model_error)
+                                model_error=model_error, ownership=ownership)
+        jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error,
+                          ownership=ownership)
+        leases = LeaseKeeper(settings, store, ownership, metrics, streams, jobs) if ownership.shared else None
+        if leases is not None:
+            await leases.heartbeat()  # this node is a placement target from now on
         resumed = await streams.resume_orphans()
         if resumed:
-            log.warning("resumed %d task(s) left running by a previous process", resumed)
+            log.warning("resumed %d task(s) left running by a previous process%s", resumed,
+                        " or whose lease ran out" if ownership.shared else "")
         streams.start_shedder()
-        jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error)
+        if leases is not None:
+            leases.start()
         swept = await jobs.sweep_work()
         if swept:
             log.warning("removed %d leftover job input folder(s) of ended jobs or interrupted uploads", swept)
         jobs.start()  # jobs a previous process left queued or running are picked up from the store
         runtime = cls(settings, store, analyzer, metrics, streams, delivery,
                       ProjectService(store, settings.delivery), DeliveryService(store, delivery), time.time(),
-                      disk, retention, jobs, model_error)
+                      disk, retention, jobs, model_error, leases)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
         return runtime
 
@@ -130,11 +140,15 @@ class Runtime:
     async def close(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        # Leases are renewed through the drain (tasks finish their segment
+        # here, then are handed over); the keeper stops after it.
         await asyncio.gather(self.streams.drain(), self.jobs.drain())
+        if self.leases is not None:
+            await self.leases.close()
         await self.delivery.close()
         if self.analyzer is not None:
             self.analyzer.close()
-        self.store.close()
+        await self.store.aclose()
 
     @property
     def media_root(self) -> Path:

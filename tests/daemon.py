@@ -65,14 +65,15 @@ class Daemon:
     """`python -m streamguard serve` on a free loopback port with its own data dir.
     `env` adds STREAMGUARD_* overrides (e.g. short timeouts for tests) to DEFAULT_ENV."""
 
-    def __init__(self, data_dir: Path, bundle: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, bundle: Path, env: dict[str, str] | None = None, *,
+                 log_name: str = "daemon.log") -> None:
         self.data_dir = Path(data_dir)
         self.bundle = bundle
         self.env = {**DEFAULT_ENV, **(env or {})}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.data_dir / "daemon.log"
+        self.log_path = self.data_dir / log_name  # nodes of a cluster may share a data dir
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "streamguard", *args, "--data-dir", str(self.data_dir)],

@@ -201,6 +201,8 @@ class PgAsyncStore:
         return self
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if getattr(Store, getattr(fn, "__name__", ""), None) is fn:  # Store.writable -> PgStore.writable
+            fn = getattr(PgStore, fn.__name__)
         async with self._pool.connection() as conn:
             return await greenlet_spawn(fn, PgStore.on(_AsyncConnection(conn), self.url), *args, **kwargs)
 
