@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon import Daemon
+from daemon import Daemon, wait_for
 
 LEASE = 3.0  # cluster.lease_seconds in these tests: takeovers within 2 x 3 s
 SEG = 2      # segment_seconds
@@ -113,13 +113,7 @@ class Cluster:
         return "\n".join(f"--- {name} ---\n{d.logs()}" for name, d in self.nodes.items())
 
     def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.logs()}")
+        return wait_for(predicate, timeout, what, self.logs, interval)
 
 
 def start_task(d: Daemon, key: str, url: str, callback: str | None = None) -> str:

@@ -50,7 +50,7 @@ def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres,
     with ExitStack() as stack:
         rx = stack.enter_context(Receiver())
         urls = [stack.enter_context(ls.publishing(video, rtmp, f"cluster{i}"))[1] for i in range(TASKS)]
-        cl = stack.enter_context(Cluster(tmp_path, test_bundle, postgres.new_database()))
+        cl = stack.enter_context(Cluster(tmp_path, test_bundle, postgres.new_database(), max_tasks=8))
         n1, n2 = cl.nodes["node-1"], cl.nodes["node-2"]
         key = n1.create_key("acme")
         secret = n1.call("GET", "/v1/project", key=key).data["webhook"]["secret"]
@@ -105,6 +105,16 @@ def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres,
         assert cl.view(extra, key, n2)["node"] == "node-1"
         cl.wait_for(lambda: cl.records(extra, key, n1), 30, "a record of the task on the rejoined node")
 
+        # SIGTERM node-2: each task finishes its segment and is handed over (not ended)
+        counts = {t: len(cl.records(t, key, n1)) for t in tasks}
+        assert n2.terminate(timeout=60) == 0
+        cl.wait_for(lambda: all(cl.view(t, key, n1)["node"] == "node-1" for t in tasks), 2 * LEASE,
+                    "node-1 to take the drained node's tasks")
+        cl.wait_for(lambda: all(len(cl.records(t, key, n1)) > counts[t] for t in tasks), 30,
+                    "records after the hand-over")
+        assert all(cl.view(t, key, n1)["state"] == "running" for t in tasks)
+        n2 = cl.restart("node-2")
+
         # stop every task through either node (a stop of a task the asked node
         # does not run takes it over and ends it), then every record is delivered in order
         for i, t in enumerate(tasks + [extra]):
@@ -116,3 +126,31 @@ def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres,
         rx.wait_for(lambda: all(not delivered_in_order(rx, t, r) for t, r in final.items()), 30,
                     "every stored record delivered, in order")
         rx.verified(secret, rx.unique_by_id())
+
+
+def test_a_dead_nodes_job_runs_again_elsewhere(tmp_path: Path, test_bundle: Path, postgres, video: Path) -> None:
+    """File jobs go to any node with a free job slot; a job whose node dies
+    while it runs (its lease runs out) runs again on another node, once."""
+    from http_files import FileServer
+
+    with FileServer() as files, Receiver() as rx, Cluster(tmp_path, test_bundle, postgres.new_database()) as cl:
+        n1, n2 = cl.nodes["node-1"], cl.nodes["node-2"]
+        key = n1.create_key("acme")
+        files.add("v.mp4", video)
+        size = video.stat().st_size
+        body = {"inputUrl": files.url(f"/slow/v.mp4?bps={size // 4}"), "outputFormats": ["source"],
+                "segmentSeconds": SEG, "moderate": True, "callbackUrl": rx.url()}
+        reply = n1.call("POST", "/v1/jobs", body, key=key)
+        assert reply.status == 201, reply.body
+        job = reply.data["id"]
+        cl.wait_for(lambda: n1.call("GET", f"/v1/jobs/{job}", key=key).data["status"] == "PROCESSING", 20,
+                    "the job to start")
+        cl.kill("node-1")  # mid-download: its lease runs out, node-2 claims it
+        done = cl.wait_for(lambda: (lambda j: j if j["status"] in ("COMPLETED", "FAILED") else None)(
+            n2.call("GET", f"/v1/jobs/{job}", key=key).data), 60, "the job to end on node-2")
+        assert done["status"] == "COMPLETED", done
+        assert "running again from the start (attempt 2" in n2.logs()
+        records = n2.call("GET", f"/v1/jobs/{job}/records?limit=100", key=key).data["items"]
+        assert len(records) == done["segmentsCount"] >= 4 and tiling_problems(records) == []
+        rx.wait_for(lambda: rx.events().count("video.conversion.completed") == 1, 20, "the completed event")
+        assert [r.event for r in rx.unique_by_id()].count("video.conversion.started") == 1

@@ -131,6 +131,11 @@ def test_helm_chart_lints_renders_and_validates_strictly(tmp_path: Path) -> None
     assert spod["tolerations"][0]["key"] == "nvidia.com/gpu" and spod["nodeSelector"] == {"accelerator": "nvidia"}
     conf = tomllib.loads(s["ConfigMap"]["data"]["streamguard.toml"])
     assert conf["storage"]["media"] == "s3" and conf["cluster"]["lease_seconds"] == LEASE_SECONDS
+    # the cluster settings are the daemon's own: each pod its own node id (its name), one shared database
+    cluster = load_settings(overrides={"cluster": conf["cluster"]}, environ={
+        "STREAMGUARD_STORAGE__DATABASE_URL": "postgresql://u@db/sg"}).cluster
+    assert cluster.lease_seconds == LEASE_SECONDS
+    assert env["STREAMGUARD_CLUSTER__NODE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
@@ -170,10 +175,17 @@ def test_compose_file_has_the_contract_services() -> None:
     compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
     services = compose["services"]
     assert {"node1", "node2", "postgres", "minio", "prometheus"} <= services.keys()
+    ids = set()
     for node in ("node1", "node2"):
         env = services[node]["environment"]
         assert env["STREAMGUARD_STORAGE__MEDIA"] == "s3"
         assert env["STREAMGUARD_STORAGE__DATABASE_URL"].startswith("postgresql://")
+        # the shared-store settings this daemon reads load as they are written
+        ours = {k: v for k, v in env.items() if k.startswith(("STREAMGUARD_CLUSTER__", "STREAMGUARD_STORAGE__DATABASE"))}
+        settings = load_settings(environ=ours)
+        assert settings.storage.database_url and settings.cluster.lease_seconds == LEASE_SECONDS
+        ids.add(settings.node_id)
+    assert ids == {"node1", "node2"}  # one id per node
     for svc in services.values():
         image = svc.get("image", "")
         assert ":" in image and not image.endswith(":latest"), image

@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .bridge import await_only, greenlet_spawn
 from .migrations import MIGRATIONS
-from .sqlite import Store
+from .sqlite import Store, _Transaction
 
 T = TypeVar("T")
 
@@ -160,28 +160,14 @@ class PgStore(Store):
     def schema_version(self) -> int:
         return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
 
-    def close(self) -> None:
-        self.db.close()
-
     def writable(self) -> bool:
         try:
             return not self.db.execute("SELECT pg_is_in_recovery()").fetchone()[0]
         except psycopg.Error:
             return False
 
-    def _tx(self) -> "_PgTransaction":
-        return _PgTransaction(self.db)
-
-
-class _PgTransaction:
-    def __init__(self, db: Any) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN")
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db, "BEGIN")
 
 
 class PgAsyncStore:

@@ -840,11 +840,14 @@ class Store:
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    """`begin`: SQLite takes the write lock at once (IMMEDIATE); PostgreSQL locks rows as it goes."""
+
+    def __init__(self, db: Any, begin: str = "BEGIN IMMEDIATE") -> None:
         self.db = db
+        self.begin = begin
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute(self.begin)
 
     def __exit__(self, exc_type, *_: Any) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
