@@ -97,6 +97,7 @@ def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres,
         cl.wait_for(lambda: all(len(cl.records(t, key, n2)) > counts[t] + 2 for t in tasks), 30,
                     "records after node-1 woke up")
         cl.wait_for(lambda: metric(n1, "streamguard_active_tasks") == 0, 20, "node-1 to drop the lost tasks")
+        assert "not stored" not in n2.logs()  # no write of node-1 ever got in node-2's way (same segment_index)
         for t in tasks:
             assert cl.view(t, key, n1)["node"] == "node-2" and cl.view(t, key, n1)["state"] == "running"
             assert tiling_problems(cl.records(t, key, n2)) == [], (t, cl.records(t, key, n2))

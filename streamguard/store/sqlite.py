@@ -263,8 +263,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
-        # PostgreSQL's GREATEST (NULLs ignored), so that one SQL serves both.
+        # PostgreSQL's GREATEST and LEAST (NULLs ignored), so that one SQL serves both.
         self.db.create_function("GREATEST", -1, lambda *a: max((x for x in a if x is not None), default=None),
+                                deterministic=True)
+        self.db.create_function("LEAST", -1, lambda *a: min((x for x in a if x is not None), default=None),
                                 deterministic=True)
         self._migrate()
 
