@@ -131,3 +131,14 @@ def test_reads_answer_while_a_write_waits_on_a_lock(store_backend):
         return took
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_an_unreachable_database_is_one_clear_line_without_its_password(cli, tmp_path):
+    port = __import__("daemon").free_port()  # nothing listens there
+    res = cli("keys", "create", "--project", "acme", "--data-dir", tmp_path,
+              env={"STREAMGUARD_STORAGE__DATABASE_URL": f"postgresql://sg:hunter2@127.0.0.1:{port}/sg"})
+    assert res.returncode == 1, res.stderr
+    assert f"cannot open the database 127.0.0.1:{port}/sg" in res.stderr and "hunter2" not in res.stderr
+    assert "Traceback" not in res.stderr
+    bad = cli("keys", "create", "--project", "acme", env={"STREAMGUARD_STORAGE__DATABASE_URL": "mysql://x"})
+    assert bad.returncode == 1 and "storage.database_url must be empty (SQLite) or a postgresql:// URL" in bad.stderr

@@ -21,7 +21,10 @@ from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
+
+from ..errors import Unavailable
 
 from .bridge import await_only, greenlet_spawn
 from .migrations import MIGRATIONS
@@ -33,8 +36,13 @@ T = TypeVar("T")
 MIGRATION_LOCK = 0x73676D69
 
 
-def is_postgres_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
+def where(url: str) -> str:
+    """host:port/dbname of a database URL: what a message may name (never its password)."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "(unparsable URL)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
 @lru_cache(maxsize=1024)
@@ -134,7 +142,13 @@ class PgStore(Store):
 
     def __init__(self, url: str) -> None:  # noqa: D107 - no super().__init__: that one opens SQLite
         self.url = url
-        self.db = _SyncConnection(psycopg.connect(url, cursor_factory=psycopg.ClientCursor, **_connect_kwargs()))
+        try:
+            conn = psycopg.connect(url, cursor_factory=psycopg.ClientCursor, connect_timeout=10, **_connect_kwargs())
+        except psycopg.Error as exc:
+            raise Unavailable(f"cannot open the database {where(url)} (storage.database_url): "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+                              ) from None
+        self.db = _SyncConnection(conn)
         self._migrate()
 
     @classmethod
