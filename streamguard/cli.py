@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--set", type=_ranged(int, 0, 2**62), metavar="TOKENS", help="set the balance")
     group.add_argument("--unmetered", action="store_true", help="remove the limit")
     _common(kb)
+    kn = ksub.add_parser("new-secret-key", help="print a fresh key for security.secret_key (encrypts stored secrets)")
+    _common(kn)
+    kx = ksub.add_parser("rotate-secret-key",
+                         help="re-encrypt every stored secret with security.secret_key (after moving the old "
+                              "key to security.previous_secret_keys)")
+    _common(kx)
 
     models = sub.add_parser("models", help="list, inspect, build, pull and quantize model bundles")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -244,6 +250,10 @@ def _open_key_store(settings: Settings, action: str) -> "Store":
 
 def cmd_keys(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.keys_command == "new-secret-key":
+        from .secretbox import new_key
+        print(new_key())
+        return 0
     store = _open_key_store(settings, args.keys_command)
     try:
         action = args.keys_command
@@ -266,6 +276,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 info = store.set_balance(args.key, None if args.unmetered else args.set)
             assert info is not None
             print("unmetered" if info.balance is None else info.balance)
+            return 0
+        if action == "rotate-secret-key":
+            from .services.outputs import reseal
+            from .secretbox import SecretBox
+            updates = reseal(SecretBox.from_settings(settings), store.sealed_storage())
+            store.reseal_storage(updates)
+            print(f"re-encrypted {len(updates)} stored secret(s) with security.secret_key")
             return 0
         raise AssertionError(action)
     finally:

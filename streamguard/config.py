@@ -40,11 +40,58 @@ class ServerSettings(_Section, kw_only=True):
     access_log: bool = False
 
 
+class S3Settings(_Section, kw_only=True):
+    """The node's S3-compatible media store (storage.media = "s3"): live
+    tasks' media, shared by every node of a cluster. Jobs with their own
+    s3Config use that instead."""
+
+    # Empty: AWS S3 (https://s3.<region>.amazonaws.com); else the base URL of an
+    # S3-compatible store (MinIO, SeaweedFS, R2 ...), path-style addressing.
+    endpoint: str = ""
+    bucket: str = ""
+    region: str = "us-east-1"
+    # Key prefix under which each task's tree goes (<prefix><task id>/master.m3u8).
+    prefix: str = ""
+    access_key: str = ""
+    # The secret key: here, in env STREAMGUARD_STORAGE__S3__SECRET_KEY, or in
+    # a file (secret_key_file, e.g. a mounted secret); never logged or shown.
+    secret_key: str = ""
+    secret_key_file: str = ""
+    # Base URL players reach the objects under (a CDN); empty: the S3 URL.
+    public_url: str = ""
+    # How long one object's upload is retried (exponential backoff) before
+    # it counts as failed: a store that goes away for less loses nothing.
+    retry_seconds: PosFloat = 60.0
+    # Objects larger than this go up in parts of this size (multipart upload).
+    multipart_mb: Annotated[int, Meta(ge=5, le=5120)] = 16
+    # Objects uploaded at once per task or job.
+    concurrency: Annotated[int, Meta(ge=1, le=64)] = 4
+
+    def __post_init__(self) -> None:
+        if self.secret_key and self.secret_key_file:
+            raise ValueError("storage.s3: give secret_key or secret_key_file, not both")
+
+    def resolved_secret(self) -> str:
+        """The secret key, read from secret_key_file when that is set."""
+        if self.secret_key_file:
+            try:
+                return Path(self.secret_key_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"storage.s3.secret_key_file: cannot read {self.secret_key_file}: "
+                                  f"{exc.strerror or exc}") from None
+        return self.secret_key
+
+
 class StorageSettings(_Section, kw_only=True):
     data_dir: str = "./var"
     # Empty: SQLite under data_dir (one node). postgresql://user:pass@host/db:
     # a PostgreSQL database that several nodes share (CONTRACT section 7).
     database_url: str = ""
+    # Where media (segments, playlists, thumbnails) goes: "local" (served under
+    # /media from data_dir/media) or "s3" (the [storage.s3] bucket; several
+    # nodes can share it). Jobs with an s3Config go to their own bucket either way.
+    media: Literal["local", "s3"] = "local"
+    s3: S3Settings = msgspec.field(default_factory=S3Settings)
     retention_days: Annotated[float, Meta(gt=0)] = 3.0
     # Live media (segments, playlists) is deleted this many hours after it was
     # written; fractions of an hour are fine (0.25 = 15 minutes).
@@ -59,6 +106,20 @@ class StorageSettings(_Section, kw_only=True):
     def __post_init__(self) -> None:
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise ValueError("storage.database_url must be empty (SQLite) or a postgresql:// URL")
+        if self.media == "s3" and not self.s3.bucket:
+            raise ValueError("storage.media = \"s3\" needs storage.s3.bucket")
+
+
+class SecuritySettings(_Section, kw_only=True):
+    # The key that encrypts secrets stored in the database (S3 secret keys):
+    # a Fernet key (`streamguard keys new-secret-key` prints one), from here,
+    # env STREAMGUARD_SECURITY__SECRET_KEY, or secret_key_file. Empty both:
+    # <data_dir>/secret.key, created (mode 0600) at first use.
+    secret_key: str = ""
+    secret_key_file: str = ""
+    # Rotation: the keys in use before, still accepted for decrypting; run
+    # `streamguard keys rotate-secret-key` to re-encrypt with the current one.
+    previous_secret_keys: list[str] = []
 
 
 class ModelSettings(_Section, kw_only=True):
@@ -227,6 +288,7 @@ class Settings(_Section, kw_only=True):
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)
     cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
+    security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
 
     @property
     def data_dir(self) -> Path:

@@ -53,6 +53,11 @@ class Metrics:
         self.prompt_tokens = Counter("streamguard_prompt_tokens_encoded_total",
                                      "Prompt tokens the node encoded for itself (shared prompt embeddings); "
                                      "charged to no tenant.", registry=r)
+        self.upload_failures = Counter(
+            "streamguard_media_upload_failures_total",
+            "Media uploads to S3 storage that failed after their retries, by reason (credentials, bucket, "
+            "endpoint, access, refused); a live task's upload is tried again, a job's ends it UPLOAD_FAILED.",
+            ["reason"], registry=r)
         self.tasks_shed = Counter("streamguard_tasks_shed_total",
                                   "Tasks shed because inference fell behind or the node drained.",
                                   ["reason"], registry=r)

@@ -15,8 +15,10 @@ from .config import Settings
 from .services.deliveries import DeliveryService
 from .delivery.worker import DeliveryWorker
 from .media.retention import DiskSpace, MediaRetention
+from .media.storage import LocalStorage, MediaStorage, StorageError, node_storage
 from .metrics import Metrics
 from .services.projects import ProjectService
+from .secretbox import SecretBox
 from .services.cluster import LeaseKeeper, Ownership
 from .store import AsyncStore, Store, open_async_store
 from .services.jobs import JobService
@@ -47,6 +49,16 @@ async def load_analyzer(settings: Settings, model_dir: str | None,
     return analyzer, None
 
 
+async def check_media_storage(storage: MediaStorage) -> None:
+    """At start, off the event loop: say at once when the node's bucket
+    cannot be used (credentials, bucket, endpoint), not at the first segment."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, storage.check)
+        log.info("media storage: %s", storage.url(""))
+    except StorageError as err:
+        log.error("media storage (storage.media = %r) cannot be used: %s", storage.kind, err.message)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -64,6 +76,7 @@ class Runtime:
     model_error: str | None = None
     leases: LeaseKeeper | None = None  # several nodes on a shared store (services/cluster.py)
     _housekeeping: asyncio.Task | None = None
+    _storage_check: asyncio.Task | None = None
 
     @property
     def public_url(self) -> str:
@@ -71,6 +84,7 @@ class Runtime:
 
     @classmethod
     async def create(cls, settings: Settings, model_dir: str | None = None) -> "Runtime":
+        loop = asyncio.get_running_loop()
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         store = await open_async_store(settings)
@@ -79,14 +93,17 @@ class Runtime:
         metrics = Metrics()
         analyzer, model_error = await load_analyzer(settings, model_dir, metrics)
         disk = DiskSpace(data_dir, settings.storage.min_free_bytes)
-        retention = MediaRetention(data_dir / "media", settings.storage.media_retention_hours * 3600, disk)
         public = settings.server.public_url or f"http://{settings.server.host}:{settings.server.port}"
+        storage = node_storage(settings.storage.media, settings.storage.s3, data_dir / "media", public)
+        retention = MediaRetention(data_dir / "media", settings.storage.media_retention_hours * 3600, disk,
+                                   mirror=storage if storage.kind != LocalStorage.kind else None)
         delivery = DeliveryWorker(store, settings.delivery, metrics, ownership.node if ownership.shared else None)
         delivery.start()
         streams = StreamService(settings, store, analyzer, metrics, public, delivery, disk=disk,
-                                model_error=model_error, ownership=ownership)
+                                model_error=model_error, storage=storage, ownership=ownership)
+        secrets = await loop.run_in_executor(None, SecretBox.from_settings, settings)
         jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error,
-                          ownership=ownership)
+                          secrets=secrets, ownership=ownership)
         leases = LeaseKeeper(settings, store, ownership, metrics, streams, jobs) if ownership.shared else None
         if leases is not None:
             await leases.heartbeat()  # this node is a placement target from now on
@@ -102,9 +119,12 @@ class Runtime:
             log.warning("removed %d leftover job input folder(s) of ended jobs or interrupted uploads", swept)
         jobs.start()  # jobs a previous process left queued or running are picked up from the store
         runtime = cls(settings, store, analyzer, metrics, streams, delivery,
-                      ProjectService(store, settings.delivery), DeliveryService(store, delivery), time.time(),
+                      ProjectService(store, settings.delivery, settings.sources, secrets),
+                      DeliveryService(store, delivery), time.time(),
                       disk, retention, jobs, model_error, leases)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
+        if storage.kind != LocalStorage.kind:
+            runtime._storage_check = asyncio.create_task(check_media_storage(storage), name="storage-check")
         return runtime
 
     async def _housekeeping_loop(self) -> None:
@@ -138,8 +158,9 @@ class Runtime:
                      self.settings.storage.retention_days)
 
     async def close(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
+        for task in (self._housekeeping, self._storage_check):
+            if task is not None:
+                task.cancel()
         # Leases are renewed through the drain (tasks finish their segment
         # here, then are handed over); the keeper stops after it.
         await asyncio.gather(self.streams.drain(), self.jobs.drain())

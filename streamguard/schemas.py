@@ -327,6 +327,41 @@ class StreamTask(_Wire, kw_only=True):
     node: str | None = None
 
 
+# --- S3 output (CONTRACT §8) ----------------------------------------------------
+
+BucketName = Annotated[str, Meta(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$",
+                                 description="an S3 bucket name")]
+KeyPrefix = Annotated[str, Meta(max_length=512, pattern=r"^[^\x00-\x1f\\]*$",
+                                description="key prefix, e.g. videos/my-video/")]
+Credential = Annotated[str, Meta(min_length=1, max_length=256)]
+Region = Annotated[str, Meta(max_length=64, pattern=r"^[a-z0-9-]*$")]
+
+
+class S3Config(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """A job's S3-compatible output (`s3Config`) or a project's default
+    (PUT /v1/project/storage). `secretKey` is write-only: never shown back."""
+
+    bucket: BucketName
+    region: Region | None = None
+    endpoint: HttpUrl | None = None  # an S3-compatible store; absent: AWS S3
+    prefix: KeyPrefix | None = None
+    accessKey: Credential
+    secretKey: Credential
+    cdnUrl: HttpUrl | None = None  # base URL of every output URL; absent: the S3 URL
+
+
+class S3ConfigView(_Wire, kw_only=True):
+    """A stored S3Config as GET /v1/project shows it: the secret as "***"."""
+
+    bucket: str
+    region: str | None
+    endpoint: str | None
+    prefix: str | None
+    accessKey: str
+    secretKey: Literal["***"] = "***"
+    cdnUrl: str | None
+
+
 # --- file jobs (CONTRACT §2 "File jobs") ---------------------------------------
 
 DEFAULT_OUTPUT_FORMATS = ("360p", "480p", "720p")
@@ -350,7 +385,8 @@ class JobOptions(_Wire, kw_only=True, forbid_unknown_fields=True):
     threshold: Threshold = 0.30
     metadata: Annotated[dict[str, Any], Meta(description=METADATA_RULE)] | None = None
     callbackUrl: HttpUrl | None = None
-    s3Config: dict[str, Any] | None = None  # CONTRACT §8; refused (422) until S3 output exists
+    # CONTRACT §8: the job's media goes to this bucket (else the project's default, else /media)
+    s3Config: S3Config | None = None
 
     def __post_init__(self) -> None:
         check_unique("outputFormats", self.outputFormats)
@@ -483,6 +519,8 @@ class ProjectView(_Wire, kw_only=True):
     name: str
     webhook: WebhookView
     created_at: str
+    # The default S3 output of the project's jobs (PUT /v1/project/storage), secretKey "***".
+    storage: S3ConfigView | None = None
 
 
 class ErrorBody(_Wire, kw_only=True):

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("live_capacity.py", ("--model", "--shape-real", "--static-share", "--no-reuse")),
     ("scan_throughput.py", ("--model", "--shape-real")),
     ("shape_real.py", ("--kind", "--check-reuse")),
+    ("upload.py", ("--seconds", "--runs", "--concurrency", "--multipart-mb")),
 ])
 def test_bench_help(script, needles):
     res = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)

@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -254,12 +255,15 @@ class _Server:
         return Handler
 
 
-def play_in_hlsjs(hls_dir: Path, hlsjs: Path, chromium: str, workdir: Path, playlist: str = "master.m3u8") -> dict:
-    """Plays hls_dir/playlist in hls.js in headless Chromium; returns the page's report."""
+def play_in_hlsjs(hls_dir: Path, hlsjs: Path, chromium: str, workdir: Path, playlist: str = "master.m3u8",
+                  src: str | None = None) -> dict:
+    """Plays hls_dir/playlist in hls.js in headless Chromium; returns the page's report.
+    `src`: play this URL instead (another origin, e.g. an S3 bucket: it must answer CORS)."""
     server = _Server(hls_dir, hlsjs)
     browser = None
     try:
-        url = f"{server.base}/player.html?src=/hls/{playlist}&limit_ms={PAGE_LIMIT_S * 1000}"
+        source = urllib.parse.quote(src, safe="") if src else f"/hls/{playlist}"
+        url = f"{server.base}/player.html?src={source}&limit_ms={PAGE_LIMIT_S * 1000}"
         browser = _Browser(chromium, url, workdir)
         deadline = time.monotonic() + RESULT_WAIT_S
         while not server.done.wait(timeout=0.5):

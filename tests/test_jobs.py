@@ -277,7 +277,10 @@ def test_categorize_job_summarises_the_whole_job(daemon: Daemon, files: FileServ
     ({"callbackUrl": "ftp://example.com/x"}, 400, "callbackUrl"),
     ({"inputUrl": "ftp://example.com/a.mp4"}, 400, "inputUrl"),
     ({"detectLogos": True}, 422, "detectLogos"),
-    ({"s3Config": {"bucket": "b"}}, 422, "s3Config"),
+    ({"s3Config": {"bucket": "b", "accessKey": "a", "secretKey": "s"}}, 400, "s3Config"),
+    ({"s3Config": {"bucket": "media", "secretKey": "s"}}, 400, "s3Config"),
+    ({"s3Config": {"bucket": "media", "accessKey": "a", "secretKey": "s", "cdnUrl": "ftp://x"}}, 400,
+     "s3Config"),
 ])
 def test_validation_errors_name_the_field(daemon: Daemon, body: dict, status: int, field: str):
     key, _ = project(daemon, "jobs-validation")

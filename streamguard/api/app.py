@@ -24,14 +24,14 @@ from .media import media, media_headers
 from .standalone import (categorize_image, categorize_video, get_categorization_job, get_moderation_job,
                          list_categorization_jobs, list_moderation_jobs, moderate_image, moderate_image_upload,
                          moderate_images, moderate_images_upload, moderate_video)
-from .project import get_project, put_webhook, rotate_secret
+from .project import delete_storage, get_project, put_storage, put_webhook, rotate_secret
 from .requests import OPENAPI, RUNTIME, auth_middleware
 from .streams import get_stream, list_streams, start_stream, stop_stream, stream_records
 from .. import __version__
 from ..runtime import Runtime
 from ..schemas import (CategorizationJob, CategorizeRequest, Delivery, DeliveryListQuery, ErrorEnvelope, Job,
                        JobListQuery, JobOptions, JobRequest, ModerateImageRequest, ModerateImagesRequest,
-                       ModerateVideoRequest, ModerationJob, Page, ProjectView, RecordPage, RecordQuery, SegmentRecord,
+                       ModerateVideoRequest, ModerationJob, Page, ProjectView, RecordPage, RecordQuery, S3Config, SegmentRecord,
                        StandaloneJobQuery, StreamListQuery, StreamRequest, StreamStarted, StreamTask, WebhookUpdate)
 
 
@@ -88,6 +88,11 @@ ROUTES: tuple[Route, ...] = (
           WebhookUpdate, ProjectView),
     Route("POST", "/v1/project/webhook/rotate-secret", rotate_secret,
           "New signing secret; the old one keeps signing during the grace period", None, ProjectView),
+    Route("PUT", "/v1/project/storage", put_storage,
+          "Set the default S3 output of the project's jobs (s3Config's fields; secretKey is write-only)",
+          S3Config, ProjectView),
+    Route("DELETE", "/v1/project/storage", delete_storage,
+          "Remove the default S3 output: jobs without an s3Config are served under /media again", None, ProjectView),
     Route("GET", "/v1/deliveries", list_deliveries, "Deliveries of records and events, newest first", None,
           Page[Delivery], DeliveryListQuery),
     Route("POST", "/v1/moderate/image", moderate_image, "Moderate one image by URL, synchronously",

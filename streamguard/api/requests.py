@@ -92,7 +92,10 @@ def friendly_validation(exc: msgspec.ValidationError, struct: type) -> InputInva
     field = m.group(1) if m else None
     if "missing required field" in text:
         name = re.search(r"`(\w+)`", text)
-        return InputInvalid(f"{name.group(1) if name else 'a field'} is required", details={"reason": text})
+        what = name.group(1) if name else "a field"
+        if field:  # inside an object field (s3Config.accessKey): named in full, the field given
+            return InputInvalid(f"{field}.{what} is required", details={"field": field, "reason": text})
+        return InputInvalid(f"{what} is required", details={"reason": text})
     message = _constraint_message(struct, field, text) if field else None
     if message:
         return InputInvalid(message, details={"field": field, "reason": text})

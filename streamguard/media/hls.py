@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import av
 
@@ -67,17 +67,29 @@ class PlaylistEntry:
     independent: bool = True  # starts with a keyframe
 
 
+class Publisher(Protocol):
+    """Where a live task's files go once written (media/storage.MediaMirror
+    on an S3 node): told of each closed file, and of each playlist with the
+    text just written, in the order they were written."""
+
+    def file_written(self, path: Path) -> None: ...
+
+    def text_written(self, path: Path, text: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class LiveMedia:
     """How a live rendition bounds its disk: the playlist lists at most
     `window_seconds` of media and nothing written more than `max_age_seconds`
     ago (retention deletes files after that, so the playlist never names a
     deleted one); `may_write()` is asked before each new segment file (false
-    while free disk is below the floor: the records go on, the media pauses)."""
+    while free disk is below the floor: the records go on, the media pauses).
+    `publish`: the task's publisher (None: served from the local files)."""
 
     window_seconds: float
     max_age_seconds: float
     may_write: Callable[[], bool] = lambda: True
+    publish: Publisher | None = None
 
 
 def _tag_int(line: str, tag: str) -> int | None:
@@ -231,7 +243,10 @@ class HlsRendition:
         return False
 
     def _segment_written(self, segment: Segment, size: int) -> None:
-        """The open segment's file is complete: list it and rewrite the playlist."""
+        """The open segment's file is complete: list it (published first,
+        when live media is published) and rewrite the playlist."""
+        if self.live is not None and self.live.publish is not None:
+            self.live.publish.file_written(self.dir / segment_name(segment.index))
         self._next = segment.index + 1
         self._append(PlaylistEntry(segment.index, segment.duration, size,
                                    self._discontinuity, time.time(), self._independent))
@@ -292,7 +307,10 @@ class HlsRendition:
             lines += [f"#EXTINF:{e.duration:.3f},", segment_name(e.index)]
         if ended:
             lines.append("#EXT-X-ENDLIST")
-        atomic_write(self.dir / "playlist.m3u8", "\n".join(lines) + "\n")
+        text = "\n".join(lines) + "\n"
+        atomic_write(self.dir / "playlist.m3u8", text)
+        if self.live is not None and self.live.publish is not None:
+            self.live.publish.text_written(self.dir / "playlist.m3u8", text)
 
 
 
@@ -432,17 +450,20 @@ def master_playlist(renditions: list[HlsRendition]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def write_master(task_dir: Path, renditions: list[HlsRendition], written: str | None = None) -> str | None:
+def write_master(task_dir: Path, renditions: list[HlsRendition], written: str | None = None,
+                 publish: Publisher | None = None) -> str | None:
     """Write `master.m3u8` when there is one and it differs from `written`
-    (what the caller wrote last); returns what is on disk now."""
+    (what the caller wrote last), and publish it; returns what is on disk now."""
     text = master_playlist(renditions)
     if text is not None and text != written:
         atomic_write(task_dir / "master.m3u8", text)
+        if publish is not None:
+            publish.text_written(task_dir / "master.m3u8", text)
     return text or written
 
 
-def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640) -> None:
-    """JPEG of a decoded frame, scaled in swscale to at most max_width."""
+def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640, publish: Publisher | None = None) -> None:
+    """JPEG of a decoded frame, scaled in swscale to at most max_width (and published)."""
     w, h = frame.width, frame.height
     if w > max_width:
         w, h = max_width, max(2, round(h * max_width / w / 2) * 2)
@@ -455,3 +476,5 @@ def write_thumbnail(frame: av.VideoFrame, path: Path, max_width: int = 640) -> N
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+    if publish is not None:
+        publish.file_written(path)

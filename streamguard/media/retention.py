@@ -12,8 +12,12 @@ evicts stopped tasks' media oldest first, new tasks are refused (503) and
 running tasks stop writing segment files (their records are still moderated
 and stored) until space is back.
 
-Everything here is blocking file-system work: the runtime calls `sweep` in a
-worker thread, never on the event loop.
+On a node whose media storage is S3 (storage.media = "s3") the same policy
+applies in the bucket: each deleted segment file and task folder is deleted
+there too (`mirror`), so the bucket holds no more than the node's disk.
+
+Everything here is blocking file-system (and S3) work: the runtime calls
+`sweep` in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .hls import segment_name
+from .storage import MediaStorage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +146,10 @@ def tree_size(path: Path) -> int:
 
 
 class MediaRetention:
-    def __init__(self, media_root: Path, retention_seconds: float, disk: DiskSpace) -> None:
+    def __init__(self, media_root: Path, retention_seconds: float, disk: DiskSpace,
+                 mirror: MediaStorage | None = None) -> None:
         self.media_root = Path(media_root)
+        self.mirror = mirror  # where the media is published (S3): deleted there too
         self.retention_seconds = retention_seconds
         self.disk = disk
         # Per running rendition folder: the lowest segment index that may still
@@ -193,6 +200,7 @@ class MediaRetention:
             if index is None:  # first sweep of this folder (e.g. after a restart): one full listing
                 found = [i for e in os.scandir(rendition) if (i := segment_index(e.name)) is not None]
                 index = min(found, default=first)
+            gone: list[str] = []
             while index < first:
                 path = rendition / segment_name(index)
                 try:
@@ -203,14 +211,27 @@ class MediaRetention:
                 if st.st_mtime >= cutoff:
                     break  # files are written in index order: the rest are younger
                 path.unlink(missing_ok=True)
+                gone.append(f"{task_dir.name}/{rendition.name}/{path.name}")
                 result.files_deleted += 1
                 result.bytes_freed += st.st_size
                 index += 1
             self._cursor[rendition] = index
+            self._unpublish(lambda m: m.delete_keys(gone), gone)
+
+    def _unpublish(self, delete: Callable[[MediaStorage], object], what: object) -> None:
+        """Delete what retention deleted locally from the published copy too;
+        a store that fails now is logged (the objects outlive their retention)."""
+        if self.mirror is None or not what:
+            return
+        try:
+            delete(self.mirror)
+        except StorageError as err:
+            log.warning("media retention: not deleted from the media storage: %s", err.message)
 
     def _remove(self, task_dir: Path, result: SweepResult) -> None:
         size = tree_size(task_dir)
         shutil.rmtree(task_dir, ignore_errors=True)
+        self._unpublish(lambda m: m.delete_prefix(task_dir.name), task_dir.name)
         result.dirs_deleted += 1
         result.bytes_freed += size
 

@@ -47,7 +47,8 @@ from ..analysis.analyzer import Analyzer, TextTokenMeter
 from ..analysis.categorize import DEFAULT_TOP_K, CategoryEvidence, summarize_categorization
 from ..analysis.scoring import category_thresholds
 from ..errors import StreamGuardError
-from ..media.hls import HlsRendition, LiveMedia, SourceRendition, segment_name, write_master, write_thumbnail
+from ..media.hls import (HlsRendition, LiveMedia, Publisher, SourceRendition, segment_name, write_master,
+                         write_thumbnail)
 from ..media.ladder import PRESETS, EncodedRendition, Ladder, is_preset, plan_ladder
 from ..media.sampler import FrameSampler, SampledFrame, SamplerStats
 from ..media.segmenter import CUT_CAP, CUT_JUMP, Segment, Segmenter, fmt_time
@@ -230,7 +231,7 @@ class SegmentPipeline:
         rendition = self.rendition
         assert rendition is not None
         rendition.bind(video, source.audio, discontinuity=self.segments > 0)
-        self._master = write_master(self.task_dir, self.renditions, self._master)  # a resumed task has a playlist
+        self._write_master()  # a resumed task has a playlist
         rate = video.average_rate or video.guessed_rate or 25
         frame_ticks = max(1, round(1 / (Fraction(rate) * video.time_base)))  # for packets without a duration
         analyzer = self.analyzer
@@ -244,7 +245,7 @@ class SegmentPipeline:
             self._reused += reused
 
         def on_first_frame(frame: av.VideoFrame) -> None:
-            write_thumbnail(frame, self.task_dir / "thumbnail.jpg")
+            self._write_thumbnail(frame)
 
         sampler = FrameSampler(
             video, fps=self.opts.fps if analyzer is not None else None,
@@ -271,7 +272,7 @@ class SegmentPipeline:
             if after_jump:
                 rendition.mark_discontinuity()
                 after_jump = False
-            self._master = write_master(self.task_dir, self.renditions, self._master)
+            self._write_master()
             now = sampler.stats
             fed = now.packets_decoded - before.packets_decoded
             decoded = now.frames_decoded - before.frames_decoded
@@ -352,7 +353,7 @@ class SegmentPipeline:
         if discontinuity:
             for r in encoded:
                 r.mark_discontinuity()
-        self._master = write_master(self.task_dir, self.renditions, self._master)
+        self._write_master()
         ladder = Ladder(encoded, video, audio, self.opts.x264_preset)
         run = _LadderRun(self, source, ladder, should_stop)
         try:
@@ -374,7 +375,7 @@ class SegmentPipeline:
         if closing.jump_after:
             for r in ladder.renditions:
                 r.mark_discontinuity()
-        self._master = write_master(self.task_dir, self.renditions, self._master)
+        self._write_master()
         error = None
         if closing.packets and not closing.decoded:
             error = f"segment {seg.index} has no decodable video ({closing.packets} packets decoded to no frame)"
@@ -386,6 +387,16 @@ class SegmentPipeline:
         self.next_index = seg.index + 1
         self.timeline_end = seg.end
 
+    @property
+    def _publish(self) -> Publisher | None:
+        return self.live.publish if self.live is not None else None
+
+    def _write_master(self) -> None:
+        self._master = write_master(self.task_dir, self.renditions, self._master, self._publish)
+
+    def _write_thumbnail(self, frame: av.VideoFrame) -> None:
+        write_thumbnail(frame, self.task_dir / "thumbnail.jpg", publish=self._publish)
+
     def _add_stats(self, s: SamplerStats) -> None:
         for name, value in vars(s).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
@@ -396,7 +407,7 @@ class SegmentPipeline:
         for rendition in self.renditions:
             if rendition.entries or rendition.has_playlist:
                 rendition.write_playlist(ended=True)
-        self._master = write_master(self.task_dir, self.renditions, self._master)
+        self._write_master()
 
 
 def _snapshot(items: deque) -> list:
@@ -478,7 +489,7 @@ class _LadderRun:
         self.pipe._reused += reused
 
     def _thumbnail(self, frame: av.VideoFrame) -> None:
-        write_thumbnail(frame, self.pipe.task_dir / "thumbnail.jpg")
+        self.pipe._write_thumbnail(frame)
 
     def read(self, on_video: Callable[[], None]) -> str | None:
         """Read the connection to its end (or a stop); every cut segment ends

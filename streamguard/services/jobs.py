@@ -10,6 +10,14 @@ thread into a staging dir outside the media root -> each closed segment's
 record built, stored, charged and queued for delivery in one transaction ->
 the staging dir renamed to media/<job>/ (a reader never sees a half job) ->
 COMPLETED with its summary and video.conversion.completed in one transaction.
+
+A job with S3 output (its s3Config or the project's default, outputs.py)
+checks its bucket before it reads the input, uploads each segment's files
+as soon as its record is stored, and at the end uploads what is left, the
+playlists and the master last (media/storage.upload_tree); it completes only
+once every object is stored, and fails with UPLOAD_FAILED, naming what is
+wrong (credentials, bucket, endpoint), when the store refuses after retries.
+Nothing of it stays on this node.
 A job run again after a restart starts from the start and skips the segments
 already stored (they are not stored, charged or delivered twice); its
 started event went out with its first run and its completed event goes out
@@ -36,11 +44,13 @@ from ..analysis.categorize import CategoryEvidence, summarize_categorization
 from ..config import Settings
 from ..threads import in_thread
 from ..delivery.worker import DeliveryWorker, envelope, new_event_id, outbox_items
-from ..errors import (AddressRefused, Conflict, FeatureUnavailable, InputInvalid, InputUnreachable,
+from ..errors import (AddressRefused, ConfigError, Conflict, FeatureUnavailable, InputInvalid, InputUnreachable,
                       InsufficientBalance, NotFound, PayloadTooLarge, StreamGuardError, Unavailable)
 from ..inputs.fetch import FetchLimits, download
 from ..inputs.sniff import VideoInfo, probe_video
+from ..media.hls import segment_name
 from ..media.retention import DiskSpace
+from ..media.storage import StorageError, TreeUpload, open_s3
 from ..media.source import MediaSource, SourceOptions
 from ..metrics import Metrics
 from ..pipeline.segments import (ClosedSegment, IngestResult, MediaLocator, PipelineOptions, RecordAssembler,
@@ -50,6 +60,8 @@ from ..schemas import (JobFlaggedFrame, Job, JobListQuery, JobOptions, JobReques
 from ..store import AsyncStore, Store
 from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
 from ..store.sqlite import Claimant, JobRow, KeyRevoked, LeaseLost, OutboxItem, Principal, TaskRow, new_id
+from ..secretbox import SecretBox
+from . import outputs
 from .cluster import Ownership
 from .streams import Event, SegmentQueue, segment_event
 
@@ -64,6 +76,7 @@ DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
 INPUT_INVALID = "INPUT_INVALID"
 INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
 KEY_REVOKED = "KEY_REVOKED"
+UPLOAD_FAILED = "UPLOAD_FAILED"
 INTERNAL = "INTERNAL"
 
 
@@ -80,21 +93,22 @@ class JobFailed(Exception):
 
 def check_features(opts: JobOptions) -> None:
     """What a job may ask for that this node cannot do yet: refused (422), never ignored.
-    The one place to change when logos or S3 output arrive."""
+    The one place to change when logos arrive."""
     if opts.detectLogos:
         raise FeatureUnavailable("logo detection is not available on this node yet", details={"field": "detectLogos"})
-    if opts.s3Config is not None:
-        raise FeatureUnavailable("S3 output is not available on this node yet: outputs are served under /media",
-                                 details={"field": "s3Config"})
 
 
-def job_params(opts: JobOptions) -> dict[str, Any]:
-    """The settings stored with a job: the alias resolved, nothing secret (s3Config is refused anyway)."""
+def job_params(opts: JobOptions, output_base: str | None) -> dict[str, Any]:
+    """The settings stored with a job: the alias resolved, nothing secret (the
+    s3Config is stored apart, sealed); `outputBase`: where its media is served
+    (cdnUrl or the S3 URL of its folder; None: /media on this node)."""
     params = msgspec.to_builtins(opts)
     params.pop("hlsTime", None)
     params.pop("s3Config", None)
     params.pop("inputUrl", None)
     params["segmentSeconds"] = opts.segment_seconds
+    if output_base is not None:
+        params["outputBase"] = output_base
     return params
 
 
@@ -103,7 +117,7 @@ def job_params(opts: JobOptions) -> dict[str, Any]:
 def job_view(row: JobRow, public_url: str) -> Job:
     params = row.task.params
     done = row.status == "COMPLETED"
-    base = f"{public_url}/media/{row.id}"
+    base = params.get("outputBase") or f"{public_url}/media/{row.id}"
     outputs = row.outputs if done and row.outputs is not None else params["outputFormats"]
     moderation = (row.summary or {}).get("moderation")
     return Job(
@@ -218,8 +232,10 @@ class RunningJob:
 class JobService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
                  public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
-                 model_error: str | None = None, ownership: Ownership | None = None) -> None:
+                 model_error: str | None = None, secrets: SecretBox | None = None,
+                 ownership: Ownership | None = None) -> None:
         self.settings = settings
+        self.secrets = secrets or SecretBox.from_settings(settings)
         self.store = store
         self.ownership = ownership or Ownership.of(settings)
         self.analyzer = analyzer
@@ -277,7 +293,10 @@ class JobService:
         """POST /v1/jobs: every check, then the job is stored PENDING (201)."""
         check_features(req)
         await self.check_admission(principal, req.moderate or req.categorize)
-        await check_host(req.inputUrl, "inputUrl", AddressPolicy.for_sources(self.settings.sources))
+        policy = AddressPolicy.for_sources(self.settings.sources)
+        await check_host(req.inputUrl, "inputUrl", policy)
+        if req.s3Config is not None:
+            await outputs.check_endpoint(req.s3Config, "s3Config", policy)
         return await self._create(principal, req, new_id("job"), req.inputUrl, None)
 
     def upload_dir(self) -> tuple[str, Path]:
@@ -291,6 +310,8 @@ class JobService:
         """POST /v1/jobs/upload, once the file is on disk: it must be video (400, by content)."""
         check_features(opts)
         await self.check_admission(principal, opts.moderate or opts.categorize)
+        if opts.s3Config is not None:
+            await outputs.check_endpoint(opts.s3Config, "s3Config", AddressPolicy.for_sources(self.settings.sources))
         await asyncio.get_running_loop().run_in_executor(None, probe_video, path)
         return await self._create(principal, opts, job_id, "", path)
 
@@ -298,9 +319,14 @@ class JobService:
                       upload: Path | None) -> JobRow:
         if opts.callbackUrl:
             await validate_callback_url(opts.callbackUrl, "callbackUrl", self.settings.delivery)
+        project = await self.store(Store.project, principal.project_id)
+        default = outputs.unseal(self.secrets, project.storage) if project and project.storage else None
+        config = outputs.job_config(opts.s3Config, default, job_id)
+        base = outputs.target(config).object_url("") if config is not None else None
         task = TaskRow(id=job_id, project_id=principal.project_id, key_id=principal.key_id, kind="job", url=url,
-                       params=job_params(opts), state="starting", created_at=time.time())
-        await self.store(Store.create_job, task, None if upload is None else str(upload))
+                       params=job_params(opts, base), state="starting", created_at=time.time())
+        await self.store(Store.create_job, task, None if upload is None else str(upload),
+                         None if config is None else outputs.seal(self.secrets, config))
         self.metrics.jobs_submitted.inc()
         row = await self.store(Store.job, job_id)  # read before the dispatcher may claim it: the reply says PENDING
         assert row is not None
@@ -417,18 +443,46 @@ class JobService:
                                top_k=self.settings.pipeline.categorization_top_k,
                                thresholds=self.settings.pipeline.thresholds,
                                renditions=tuple(params["outputFormats"]), x264_preset=params["ffmpegPreset"])
-        result = await self._ingest(running, path, info, opts, staging)
-        if running.lost:
-            return  # another node runs it now
-        if running.failure is not None:
-            raise running.failure
-        if running.stop:
-            return  # drained: it stays PROCESSING and runs again at the next start
-        if result.error:
-            raise JobFailed(INPUT_INVALID, f"the input could not be read to its end: {self._plain(result.error, path)}")
-        if result.segments == 0:
-            raise JobFailed(INPUT_INVALID, "the input has no video that could be read")
-        await self._complete(running, result, staging)
+        upload = await self._open_upload(row, staging)
+        try:
+            result = await self._ingest(running, path, info, opts, staging, upload)
+            if running.lost:
+                return  # another node runs it now
+            if running.failure is not None:
+                raise running.failure
+            if running.stop:
+                return  # drained: it stays PROCESSING and runs again at the next start
+            if result.error:
+                raise JobFailed(INPUT_INVALID,
+                                f"the input could not be read to its end: {self._plain(result.error, path)}")
+            if result.segments == 0:
+                raise JobFailed(INPUT_INVALID, "the input has no video that could be read")
+            await self._complete(running, result, staging, upload)
+        finally:
+            if upload is not None:
+                upload.abort()
+                upload.storage.close()
+
+    async def _open_upload(self, row: JobRow, staging: Path) -> TreeUpload | None:
+        """A job with S3 output: its bucket checked (before any work is spent
+        on it) and an upload ready to take its files as they close."""
+        if row.storage is None:
+            return None
+        try:
+            config = outputs.unseal(self.secrets, row.storage)
+        except ConfigError as exc:
+            raise JobFailed(UPLOAD_FAILED, f"the job's S3 settings cannot be read on this node: {exc.message}") from None
+        s3 = self.settings.storage.s3
+        storage = None
+        try:
+            storage = open_s3(outputs.target(config), s3)
+            await in_thread(storage.check, f"s3-check-{row.id}")
+        except StorageError as err:
+            if storage is not None:
+                storage.close()
+            self.metrics.upload_failures.labels(err.reason).inc()
+            raise JobFailed(UPLOAD_FAILED, err.message) from None
+        return TreeUpload(storage, staging, s3.concurrency)
 
     async def _input(self, row: JobRow, work: Path) -> Path:
         """The uploaded file, or the input URL downloaded (again, on a second run) under the address rules."""
@@ -461,7 +515,7 @@ class JobService:
         return message.replace(str(path), "the input")
 
     async def _ingest(self, running: RunningJob, path: Path, info: VideoInfo, opts: PipelineOptions,
-                      staging: Path) -> IngestResult:
+                      staging: Path, upload: TreeUpload | None) -> IngestResult:
         """The pipeline in a worker thread; its records stored here, in order,
         skipping those an earlier run stored."""
         row = running.row
@@ -489,8 +543,8 @@ class JobService:
 
         done = in_thread(run, f"ingest-{row.id}")
         # (each closed segment names the rendition its record points into: the ladder knows what it wrote)
-        assembler = RecordAssembler(row.id, opts, analyzer,
-                                    MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}"))
+        base = row.task.params.get("outputBase") or f"{self.public_url}/media/{row.id}"
+        assembler = RecordAssembler(row.id, opts, analyzer, MediaLocator(self.media_root / row.id, base))
         try:
             while (closed := await queue.get()) is not None:
                 self.metrics.frames_decoded.inc(closed.frames_decoded)
@@ -507,6 +561,9 @@ class JobService:
                     continue
                 if not running.stop:
                     await self._store_segment(running, closed, record, info.duration)
+                if upload is not None:  # its files are complete: up they go while the next is cut
+                    name = segment_name(closed.segment.index)
+                    upload.submit(p for d in staging.iterdir() if d.is_dir() and (p := d / name).is_file())
         except BaseException:  # the store failed, or the run was cancelled: the ingest thread must end too
             running.stop = StopMode.NOW
             raise
@@ -541,7 +598,8 @@ class JobService:
         running.failure = running.failure or failure
         running.stop = StopMode.NOW
 
-    async def _complete(self, running: RunningJob, result: IngestResult, staging: Path) -> None:
+    async def _complete(self, running: RunningJob, result: IngestResult, staging: Path,
+                        upload: TreeUpload | None) -> None:
         row = running.row
         records = await self.store(Store.records, row.id, -1, 1_000_000)
         params = row.task.params
@@ -554,8 +612,17 @@ class JobService:
                 elapsed = int((time.time() - (row.task.started_at or time.time())) * 1000)
                 summary["categorization"] = msgspec.to_builtins(result_cat.summary(elapsed))
         duration = last_end(records)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, publish, staging, self.media_root / row.id, self.work_root / row.id / "old")
+        if upload is not None:
+            try:
+                stats = await in_thread(upload.finish, f"upload-{row.id}")
+            except StorageError as err:
+                self.metrics.upload_failures.labels(err.reason).inc()
+                raise JobFailed(UPLOAD_FAILED, err.message) from None
+            log.info("job %s: media uploaded (%d object(s) as segments closed, %d at the end)", row.id,
+                     len(upload.stored), stats.objects)
+        else:
+            await asyncio.get_running_loop().run_in_executor(
+                None, publish, staging, self.media_root / row.id, self.work_root / row.id / "old")
         done = await self._finish(row, "COMPLETED", outputs=list(result.renditions), duration=duration,
                                   summary=summary or None)
         if done is not None:

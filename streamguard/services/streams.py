@@ -4,11 +4,18 @@ Per task: a supervisor thread runs the media half (live.py); closed segments
 come back over an asyncio queue in order; the consumer builds each record,
 charges its tokens and stores it in one transaction (store), then, when the
 supervisor ends, stores the terminal record (14/15/16/402) and the final state.
+
+Media is written under the media root and published to the node's media
+storage (storage.media): served from there under /media, or, on an S3 node,
+uploaded by the task's MediaMirror as each file closes (a segment before the
+playlist that lists it); playlist_url and the records' video_url point at
+the storage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import threading
@@ -28,6 +35,7 @@ from ..pipeline.live import Failure, LiveSupervisor, TaskEnd, describe_failure
 from ..media.probe import check_live_source
 from ..media.hls import LiveMedia
 from ..media.retention import DiskSpace
+from ..media.storage import LocalStorage, MediaMirror, MediaStorage
 from ..media.source import SourceOptions
 from ..metrics import Metrics
 from ..media.ladder import is_preset
@@ -104,6 +112,7 @@ class RunningTask:
     timeline_end: Fraction = Fraction(0)  # where the last stored segment ended
     # Ended at once (balance, shed, revoked key): segments still in flight get no record.
     discard: bool = False
+    mirror: MediaMirror | None = None  # publishes its media to the node's S3 storage
     # Another node took the task over: this node writes nothing more for it.
     lost: bool = False
     # Draining on a shared store: after its in-flight segment the task is
@@ -122,6 +131,7 @@ class PreparedTask:
     queue: SegmentQueue
     make_pipeline: Callable[[int, Fraction], SegmentPipeline]
     supervisor: list[LiveSupervisor]  # emit's view of the supervisor, bound in _run
+    mirror: MediaMirror | None = None
 
 
 # Live encoded renditions must keep up with real time: a lighter x264 preset
@@ -204,10 +214,12 @@ def task_event(name: str, row: TaskRow, data: dict[str, Any]) -> Event:
 class StreamService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
                  public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
-                 model_error: str | None = None, ownership: Ownership | None = None) -> None:
+                 model_error: str | None = None, storage: MediaStorage | None = None,
+                 ownership: Ownership | None = None) -> None:
         self.settings = settings
         self.store = store
         self.delivery = delivery
+        self.storage = storage or LocalStorage(settings.data_dir / "media", f"{public_url.rstrip('/')}/media")
         self.analyzer = analyzer
         self.model_error = model_error  # why analyzer is None
         self.disk = disk or DiskSpace(settings.data_dir, settings.storage.min_free_bytes)
@@ -251,7 +263,7 @@ class StreamService:
         return row, await self.store(Store.records, row.id, query.after, query.limit)
 
     def playlist_url(self, task_id: str) -> str:
-        return f"{self.public_url}/media/{task_id}/master.m3u8"
+        return self.storage.url(f"{task_id}/master.m3u8")
 
     # --- start / stop -----------------------------------------------------------
 
@@ -360,6 +372,8 @@ class StreamService:
         try:
             await self.store(store_task, row, [task_event("stream.started", row, {"settings": row.params})])
         except BaseException:
+            if prepared.mirror is not None:
+                prepared.mirror.close(0)
             shutil.rmtree(self.media_root / row.id, ignore_errors=True)
             raise
         finally:
@@ -392,6 +406,12 @@ class StreamService:
                                renditions=tuple(req.renditions), x264_preset=LIVE_X264_PRESET)
         task_dir = self.media_root / row.id
         supervisor: list[LiveSupervisor] = []  # set by _run, before the ingest thread starts
+        live, mirror = self.live_media, None
+        if self.storage.kind != LocalStorage.kind:
+            task_dir.mkdir(parents=True, exist_ok=True)
+            mirror = MediaMirror(self.storage, task_dir, row.id,
+                                 on_failure=lambda err: self.metrics.upload_failures.labels(err.reason).inc())
+            live = dataclasses.replace(live, publish=mirror)
 
         def emit(closed: ClosedSegment) -> None:
             t0 = time.monotonic()
@@ -401,14 +421,19 @@ class StreamService:
 
         def make_pipeline(next_index: int, timeline_start: Fraction) -> SegmentPipeline:
             pipeline = SegmentPipeline(opts, task_dir, analyzer, emit, next_index=next_index,
-                                       timeline_start=timeline_start, live=self.live_media)
+                                       timeline_start=timeline_start, live=live)
             probe = task_dir / ".writable"  # fail now, not at the first segment
             probe.write_bytes(b"")
             probe.unlink()
             return pipeline
 
-        pipeline = make_pipeline(row.next_seq, Fraction(row.timeline_end).limit_denominator(90000))
-        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, supervisor)
+        try:
+            pipeline = make_pipeline(row.next_seq, Fraction(row.timeline_end).limit_denominator(90000))
+        except BaseException:
+            if mirror is not None:
+                mirror.close(0)
+            raise
+        return PreparedTask(row, opts, analyzer, pipeline, queue, make_pipeline, supervisor, mirror)
 
     def _run(self, prepared: PreparedTask) -> None:
         """Start a prepared task's ingest thread and record consumer."""
@@ -427,7 +452,7 @@ class StreamService:
         prepared.supervisor.append(supervisor)
         done: asyncio.Future[TaskEnd] = loop.create_future()
         task = RunningTask(row, supervisor, queue, done, next_seq=row.next_seq,
-                           timeline_end=prepared.pipeline.timeline_end)
+                           timeline_end=prepared.pipeline.timeline_end, mirror=prepared.mirror)
         self.tasks[row.id] = task
         self.metrics.active_tasks.inc()
 
@@ -451,7 +476,7 @@ class StreamService:
                 pass
 
         assembler = RecordAssembler(row.id, prepared.opts, prepared.analyzer,
-                                    MediaLocator(self.media_root / row.id, f"{self.public_url}/media/{row.id}"))
+                                    MediaLocator(self.media_root / row.id, self.storage.url(row.id)))
         task.consumer = asyncio.create_task(self._consume(task, assembler), name=f"records-{row.id}")
         try:
             threading.Thread(target=run, name=f"ingest-{row.id}", daemon=True).start()
@@ -551,7 +576,15 @@ class StreamService:
         self.metrics.active_tasks.dec()
         self.metrics.tasks_ended.labels(str(end.status)).inc()
         log.info("task %s ended: %s %s", row.id, end.status, end.message)
+        if task.mirror is not None:  # the last playlists (#EXT-X-ENDLIST) go up after the end is stored
+            self._background(self._flush_mirror(row.id, task.mirror), f"task {row.id}: media upload")
         await self._store_end(row, task.next_seq, end)
+
+    async def _flush_mirror(self, task_id: str, mirror: MediaMirror) -> None:
+        timeout = self.settings.storage.s3.retry_seconds
+        if not await asyncio.get_running_loop().run_in_executor(None, mirror.close, timeout):
+            log.error("task %s: %d media file(s) not uploaded within %.0f s of its end", task_id,
+                      mirror.stats.pending, timeout)
 
     async def _store_end(self, row: TaskRow, seq: int, end: TaskEnd) -> None:
         """The terminal record, retried until the store takes it (a failing

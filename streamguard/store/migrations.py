@@ -120,7 +120,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX standalone_jobs_project ON standalone_jobs(project_id, kind, created_at);
     """,
-    # 5: scale-out (issue 14). Task ownership: the node that runs a live task
+    # 5: S3 output (issue 13): a project's default and a job's own, as JSON
+    # whose secret key is sealed (secretbox: encrypted at rest)
+    """
+    ALTER TABLE projects ADD COLUMN storage TEXT;
+    ALTER TABLE jobs ADD COLUMN storage TEXT;
+    """,
+    # 6: scale-out (issue 14). Task ownership: the node that runs a live task
     # or a job, the epoch of its claim (fencing token) and its lease; the
     # nodes of a cluster with their capacity; delivery claims (one sender per
     # stream across nodes).

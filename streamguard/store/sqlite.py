@@ -51,6 +51,9 @@ class Project:
     created_at: float
     previous_secret: str | None = None
     previous_secret_expires_at: float | None = None
+    # Default S3 output of its jobs (PUT /v1/project/storage): JSON with the
+    # secret key sealed (secretbox), never in clear.
+    storage: str | None = None
 
     def signing_secrets(self, now: float) -> list[str]:
         """The current secret, plus the previous one during its grace period."""
@@ -135,6 +138,7 @@ class JobRow:
     error_code: str | None
     error_message: str | None
     completed_at: float | None
+    storage: str | None = None  # its S3 output (JSON, secret sealed), None: /media on this node
 
     @property
     def id(self) -> str:
@@ -143,7 +147,8 @@ class JobRow:
 
 _JOB_SELECT = ("SELECT " + ", ".join(f"t.{c.strip()}" for c in _TASK_COLS.split(",")) +
                ", j.status, j.progress, j.attempts, j.input_path, j.outputs, j.duration, j.summary, j.video_tokens, "
-               "j.text_tokens, j.error_code, j.error_message, j.completed_at FROM tasks t JOIN jobs j ON j.id = t.id ")
+               "j.text_tokens, j.error_code, j.error_message, j.completed_at, j.storage "
+               "FROM tasks t JOIN jobs j ON j.id = t.id ")
 _TASK_N = len(_TASK_COLS.split(","))
 
 
@@ -296,13 +301,13 @@ class Store:
     # --- projects and keys ---------------------------------------------------
 
     _PROJECT = ("SELECT id, name, webhook_url, webhook_events, webhook_secret, created_at, previous_secret, "
-                "previous_secret_expires_at FROM projects WHERE ")
+                "previous_secret_expires_at, storage FROM projects WHERE ")
 
     @staticmethod
     def _project(row: tuple | None) -> Project | None:
         if row is None:
             return None
-        return Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7])
+        return Project(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7], row[8])
 
     def project_by_name(self, name: str, create: bool = False) -> Project | None:
         row = self.db.execute(self._PROJECT + "name = ?", (name,)).fetchone()
@@ -331,6 +336,25 @@ class Store:
         project = self.project(project_id)
         assert project is not None
         return project
+
+    def set_project_storage(self, project_id: str, storage: str | None) -> Project:
+        self.db.execute("UPDATE projects SET storage = ? WHERE id = ?", (storage, project_id))
+        project = self.project(project_id)
+        assert project is not None
+        return project
+
+    def sealed_storage(self) -> list[tuple[str, str, str]]:
+        """Every stored S3 output that holds a sealed secret: (table, id, JSON)."""
+        rows = self.db.execute("SELECT 'projects', id, storage FROM projects WHERE storage IS NOT NULL "
+                               "UNION ALL SELECT 'jobs', id, storage FROM jobs WHERE storage IS NOT NULL").fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def reseal_storage(self, updates: list[tuple[str, str, str]]) -> None:
+        """Write back re-encrypted storage JSON (keys rotate-secret-key), in one transaction."""
+        with self._tx():
+            for table, row_id, storage in updates:
+                assert table in ("projects", "jobs")
+                self.db.execute(f"UPDATE {table} SET storage = ? WHERE id = ?", (storage, row_id))
 
     def create_key(self, project_name: str, balance: int | None = None) -> tuple[str, KeyInfo]:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -623,11 +647,11 @@ class Store:
 
     # --- file jobs: a kind="job" task plus its jobs row --------------------------------
 
-    def create_job(self, task: TaskRow, input_path: str | None = None) -> None:
+    def create_job(self, task: TaskRow, input_path: str | None = None, storage: str | None = None) -> None:
         with self._tx():
             self._insert_task(task)
-            self.db.execute("INSERT INTO jobs (id, status, input_path) VALUES (?, 'PENDING', ?)",
-                            (task.id, input_path))
+            self.db.execute("INSERT INTO jobs (id, status, input_path, storage) VALUES (?, 'PENDING', ?, ?)",
+                            (task.id, input_path, storage))
 
     @reads
     def job(self, job_id: str, project_id: str | None = None) -> JobRow | None:
