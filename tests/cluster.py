@@ -1,9 +1,10 @@
 """Several real `streamguard serve` nodes on one real PostgreSQL
 (tests/pg_server.py), for the cluster test and bench/failover.py.
 
-The nodes run on this machine and share one data dir, so they share its
-media dir (what S3 media gives nodes on different machines); each has its
-own node id, port and log."""
+Media: with `s3` (a SeaweedS3 from tests/s3_server.py) every node has its own
+data dir and publishes live media to the one bucket (storage.media = "s3"),
+as nodes on different machines do; without, the nodes share one data dir on
+this machine, so one media dir. Each node has its own id, port and log."""
 
 from __future__ import annotations
 
@@ -35,12 +36,24 @@ def node_env(database_url: str, node: str, *, lease: float = LEASE, max_tasks: i
     }
 
 
+def s3_env(s3: Any, prefix: str = "live/") -> dict[str, str]:
+    """Live media in the SeaweedFS bucket, and one secret-sealing key for every node."""
+    from cryptography.fernet import Fernet
+    from s3_server import ACCESS_KEY, BUCKET, SECRET_KEY
+    return {"STREAMGUARD_STORAGE__MEDIA": "s3", "STREAMGUARD_STORAGE__S3__ENDPOINT": s3.endpoint,
+            "STREAMGUARD_STORAGE__S3__BUCKET": BUCKET, "STREAMGUARD_STORAGE__S3__PREFIX": prefix,
+            "STREAMGUARD_STORAGE__S3__ACCESS_KEY": ACCESS_KEY, "STREAMGUARD_STORAGE__S3__SECRET_KEY": SECRET_KEY,
+            "STREAMGUARD_SECURITY__SECRET_KEY": Fernet.generate_key().decode()}
+
+
 class Cluster:
     def __init__(self, root: Path, bundle: Path, database_url: str, names: tuple[str, ...] = ("node-1", "node-2"),
-                 **env: Any) -> None:
+                 *, s3: Any = None, **env: Any) -> None:
         self.root = Path(root)
         self.url = database_url
-        self.nodes = {name: Daemon(self.root, bundle, node_env(database_url, name, **env), log_name=f"{name}.log")
+        shared = s3_env(s3) if s3 is not None else {}
+        self.nodes = {name: Daemon(self.root / name if s3 is not None else self.root, bundle,
+                                   {**node_env(database_url, name, **env), **shared}, log_name=f"{name}.log")
                       for name in names}
 
     def __enter__(self) -> "Cluster":

@@ -1,18 +1,18 @@
 """Two real nodes on one real PostgreSQL (CONTRACT §7), with nginx-rtmp
-sources and a real webhook receiver: tasks spread over both; a SIGKILLed
-node's tasks continue on the other within 2 x lease with the next
-segment_index and a continuous timeline, their records delivered in order
-with none lost; a node paused past its lease writes nothing more for the
-tasks it lost (its stale epoch is refused) and rejoins.
-
-The nodes share one data dir on this machine, so one media dir (S3 media,
-issue 13, is what nodes on different machines share)."""
+sources, a real S3-compatible store (SeaweedFS) for their media and a real
+webhook receiver: tasks spread over both; a SIGKILLed node's tasks continue
+on the other within 2 x lease with the next segment_index and a continuous
+timeline, their records delivered in order with none lost and their media in
+the bucket; a node paused past its lease writes nothing more for the tasks
+it lost (its stale epoch is refused) and rejoins; SIGTERM hands tasks over.
+Each node has its own data dir, as on different machines."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,6 +25,27 @@ from receivers import Receiver
 pytestmark = pytest.mark.live
 
 TASKS = 6
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    from s3_server import SeaweedS3
+    server = SeaweedS3(tmp_path_factory.mktemp("cluster-weed")).up()
+    yield server
+    server.down()
+
+
+def media_problems(s3, task_id: str, records: list[dict]) -> list[str]:
+    """Stored records whose segment is not in the bucket, and a source playlist whose numbering went back."""
+    keys = s3.keys(f"live/{task_id}/")
+    problems = [r["data"]["data"]["video_url"] for r in records if r["data"]["data"] is not None
+                and "live/" + r["data"]["data"]["video_url"].split("/live/", 1)[1] not in keys]
+    playlist = urllib.request.urlopen(s3.url(f"live/{task_id}/source/playlist.m3u8"), timeout=10).read().decode()
+    seq = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", playlist).group(1))
+    first = int(re.search(r"segment_(\d+)\.ts", playlist).group(1))
+    if seq > first:
+        problems.append(f"MEDIA-SEQUENCE {seq} ahead of its first segment {first}")
+    return problems
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +67,11 @@ def delivered_in_order(rx: Receiver, task_id: str, records: list[dict]) -> list[
     return [] if have == want else [f"delivered {len(have)} of {len(want)} or out of order"]
 
 
-def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres, rtmp, video: Path) -> None:
+def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres, rtmp, video: Path, s3) -> None:
     with ExitStack() as stack:
         rx = stack.enter_context(Receiver())
         urls = [stack.enter_context(ls.publishing(video, rtmp, f"cluster{i}"))[1] for i in range(TASKS)]
-        cl = stack.enter_context(Cluster(tmp_path, test_bundle, postgres.new_database(), max_tasks=8))
+        cl = stack.enter_context(Cluster(tmp_path, test_bundle, postgres.new_database(), s3=s3, max_tasks=8))
         n1, n2 = cl.nodes["node-1"], cl.nodes["node-2"]
         key = n1.create_key("acme")
         secret = n1.call("GET", "/v1/project", key=key).data["webhook"]["secret"]
@@ -127,6 +148,9 @@ def test_failover_and_a_paused_node(tmp_path: Path, test_bundle: Path, postgres,
         rx.wait_for(lambda: all(not delivered_in_order(rx, t, r) for t, r in final.items()), 30,
                     "every stored record delivered, in order")
         rx.verified(secret, rx.unique_by_id())
+        # the media of every stored record is in the bucket, whichever node wrote it
+        cl.wait_for(lambda: all(not media_problems(s3, t, r) for t, r in final.items()), 30,
+                    "every stored segment in the bucket")
 
 
 def test_a_dead_nodes_job_runs_again_elsewhere(tmp_path: Path, test_bundle: Path, postgres, video: Path) -> None:

@@ -239,6 +239,7 @@ class StreamService:
         self.draining = False
         self._loops: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
+        self._lost: set[str] = set()  # tasks another node took over from this one: no more writes here
 
     # --- queries --------------------------------------------------------------
 
@@ -409,8 +410,11 @@ class StreamService:
         live, mirror = self.live_media, None
         if self.storage.kind != LocalStorage.kind:
             task_dir.mkdir(parents=True, exist_ok=True)
+            own = self.ownership
             mirror = MediaMirror(self.storage, task_dir, row.id,
-                                 on_failure=lambda err: self.metrics.upload_failures.labels(err.reason).inc())
+                                 on_failure=lambda err: self.metrics.upload_failures.labels(err.reason).inc(),
+                                 # a node whose lease may have passed must not overwrite the new owner's media
+                                 may_put=lambda: own.fresh() and row.id not in self._lost)
             live = dataclasses.replace(live, publish=mirror)
 
         def emit(closed: ClosedSegment) -> None:
@@ -725,6 +729,7 @@ class StreamService:
             log.warning("task %s: lease lost (another node took it over); stopping it here without writing",
                         task_id)
             task.lost = True
+            self._lost.add(task_id)
             self._end_now(task, STATUS_CAPACITY, "lease lost")
 
     async def _release(self, row: TaskRow) -> None:
@@ -752,6 +757,10 @@ class StreamService:
             if own.shared and self._capacity_used() + row.weight > self.settings.limits.max_tasks:
                 await self.store(Store.release_task, row.id, row.epoch)  # starts took the room meanwhile
                 continue
+            self._lost.discard(row.id)  # it may come back to a node that lost it once
+            if before is not None and before != own.node and self.storage.kind != LocalStorage.kind:
+                # what this node has of its media is from an earlier run here: the bucket has the rest
+                shutil.rmtree(self.media_root / row.id, ignore_errors=True)
             if before is not None and before != own.node:
                 self.metrics.lease_takeovers.inc()
                 log.warning("task %s: taken over from node %s (epoch %d)", row.id, before, row.epoch)
