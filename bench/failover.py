@@ -2,7 +2,9 @@
 that owns them dies, and whether any stored record is lost.
 
 Two real nodes on a real PostgreSQL (tests/pg_server.py, Debian's
-postgresql-15), nginx-rtmp publishers on loopback, `--tasks` live tasks.
+postgresql-15), nginx-rtmp publishers on loopback, `--tasks` live tasks;
+live media in a SeaweedFS bucket (`--s3`, each node its own data dir) or in
+one data dir the nodes share.
 Each trial SIGKILLs the node that owns the tasks (all of them, after the
 first trial) and times, per moved task, the kill to the next stored record
 (polled through the surviving node every 50 ms); the killed node is then
@@ -13,7 +15,7 @@ records while nothing fails (one segment).
 
 Target (CONTRACT §7 and issue 14): 0 lost; max <= 2 x lease + one segment.
 
-    python bench/failover.py [--trials 10] [--tasks 4] [--lease 3] [--segment 2]
+    python bench/failover.py [--trials 10] [--tasks 4] [--lease 3] [--segment 2] [--s3]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--lease", type=float, default=3.0)
     ap.add_argument("--segment", type=int, default=2)
+    ap.add_argument("--s3", action="store_true", help="live media in a SeaweedFS bucket (tests/s3_server.py)")
     args = ap.parse_args()
     cl_mod.SEG = args.segment
 
@@ -58,7 +61,12 @@ def main() -> int:
         pg = stack.enter_context(PostgresServer())
         rtmp = stack.enter_context(RtmpServer())
         urls = [stack.enter_context(publishing(video, rtmp, f"failover{i}"))[1] for i in range(args.tasks)]
-        cl = stack.enter_context(Cluster(tmp / "nodes", bundle, pg.new_database(), lease=args.lease,
+        s3 = None
+        if args.s3:
+            from s3_server import SeaweedS3
+            s3 = SeaweedS3(tmp / "weed").up()
+            stack.callback(s3.down)
+        cl = stack.enter_context(Cluster(tmp / "nodes", bundle, pg.new_database(), s3=s3, lease=args.lease,
                                          max_tasks=args.tasks))
         first = cl.nodes["node-1"]
         key = first.create_key("bench")
@@ -104,7 +112,8 @@ def main() -> int:
 
     bound = 2 * args.lease + args.segment
     p50, worst = statistics.median(gaps), max(gaps)
-    print(f"\n{len(gaps)} takeovers over {args.trials} trials, lease {args.lease:g} s, segment {args.segment} s")
+    print(f"\n{len(gaps)} takeovers over {args.trials} trials, lease {args.lease:g} s, segment {args.segment} s, "
+          f"media {'in S3 (SeaweedFS)' if args.s3 else 'in one shared data dir'}")
     print(f"kill -> next stored record: p50 {p50:.2f} s, max {worst:.2f} s "
           f"(bound 2 x lease + segment = {bound:g} s: {'met' if worst <= bound else 'NOT met'})")
     print(f"baseline record interval {baseline:.2f} s; p50 / baseline = {p50 / baseline:.2f}, "

@@ -750,7 +750,9 @@ class StreamService:
         room = None if not own.shared else self.settings.limits.max_tasks - self._capacity_used()
         if room is not None and room <= 0:
             return 0
-        claimed = await self.store(Store.claim_tasks, own.claimant(), sorted(self.tasks), room)
+        # a single node resumes everything a previous process left at once; a cluster node a batch per round
+        claimed = await self.store(Store.claim_tasks, own.claimant(), sorted(self.tasks), room,
+                                   64 if own.shared else 1_000_000)
         for row, before in claimed:
             if row.id in self.tasks:  # cannot be: it was excluded; never run a task twice
                 continue
