@@ -50,7 +50,8 @@ def test_an_expired_lease_is_taken_over_and_the_old_owners_writes_are_refused(no
     assert (before, taken.node, taken.epoch, taken.next_seq, taken.timeline_end) == ("node-a", "node-b", 2, 1, 2.0)
     with pytest.raises(LeaseLost):  # node a, paused meanwhile, wakes up: refused, nothing stored or charged
         a.append_record(row.id, key.id, 1, 0, b"{}", cost=10, timeline_end=4.0, epoch=1,
-                        outbox=[OutboxItem("msg_x", key.project_id, row.id, "http://a.example/", "stream.segment", b"{}")])
+                        outbox=[OutboxItem("msg_x", key.project_id, row.id, "http://a.example/", "stream.segment",
+                                           b"{}")])
     a.set_task_state(row.id, "stopped", final_status=14, final_message="x", epoch=1)  # fenced: no effect
     assert a.renew_leases("node-a", [row.id], time.time() + LEASE) == {}  # a learns it lost the task
     b.append_record(row.id, key.id, 1, 0, b"{}", cost=10, timeline_end=4.0, epoch=2)
@@ -68,7 +69,8 @@ def test_claims_take_own_assigned_and_expired_tasks_within_room(nodes):
     live_task(a, key, "tsk_dead", "node-c", lease_until=time.time() - 1, weight=2, created_at=t0 + 3)
     live_task(a, key, "tsk_running", "node-b", created_at=t0 + 4)             # b runs it: excluded
     claimed = b.claim_tasks(claimant("node-b"), ["tsk_running"], room=2)
-    assert [(r.id, before, r.epoch) for r, before in claimed] == [("tsk_own", "node-b", 2), ("tsk_assigned", "node-b", 1)]
+    assert [(r.id, before, r.epoch) for r, before in claimed] == [("tsk_own", "node-b", 2),
+                                                                   ("tsk_assigned", "node-b", 1)]
     claimed = b.claim_tasks(claimant("node-b"), ["tsk_running", "tsk_own", "tsk_assigned"], room=2)
     assert [(r.id, before) for r, before in claimed] == [("tsk_dead", "node-c")]
     single = Claimant("node-z", time.time(), time.time() + LEASE, any_owner=True)  # one node on SQLite: all its own

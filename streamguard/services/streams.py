@@ -240,6 +240,7 @@ class StreamService:
         self._loops: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
         self._lost: set[str] = set()  # tasks another node took over from this one: no more writes here
+        self._stopping: set[str] = set()  # tasks another node ran, being ended here (stop)
 
     # --- queries --------------------------------------------------------------
 
@@ -530,9 +531,14 @@ class StreamService:
         elif self.ownership.shared and row.state != "stopped":
             # Another node runs it: take it over and end it here. Its owner's next
             # write is refused (stale epoch) and its next renewal drops it.
-            claimed = await self.store(Store.claim_task, task_id, self.ownership.claimant())
-            if claimed is not None:
-                await self._store_end(claimed, claimed.next_seq, TaskEnd(STATUS_USER_STOPPED, "stopped by user"))
+            self._stopping.add(task_id)  # this node's own claim rounds leave it alone meanwhile
+            try:
+                claimed = await self.store(Store.claim_task, task_id, self.ownership.claimant())
+                if claimed is not None:
+                    await self._store_end(claimed, claimed.next_seq,
+                                          TaskEnd(STATUS_USER_STOPPED, "stopped by user"))
+            finally:
+                self._stopping.discard(task_id)
             row = await self.get(principal, task_id)
         return row
 
@@ -751,8 +757,8 @@ class StreamService:
         if room is not None and room <= 0:
             return 0
         # a single node resumes everything a previous process left at once; a cluster node a batch per round
-        claimed = await self.store(Store.claim_tasks, own.claimant(), sorted(self.tasks), room,
-                                   64 if own.shared else 1_000_000)
+        claimed = await self.store(Store.claim_tasks, own.claimant(), sorted({*self.tasks, *self._stopping}),
+                                   room, 64 if own.shared else 1_000_000)
         for row, before in claimed:
             if row.id in self.tasks:  # cannot be: it was excluded; never run a task twice
                 continue

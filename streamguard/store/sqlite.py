@@ -612,8 +612,8 @@ class Store:
 
     def append_record(self, task_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int = 0,
                       flagged: bool = False, timeline_end: float | None = None,
-                      outbox: list[OutboxItem] = (), final_state: tuple[int, str] | None = None,  # type: ignore[assignment]
-                      epoch: int | None = None) -> None:
+                      outbox: list[OutboxItem] = (),  # type: ignore[assignment]
+                      final_state: tuple[int, str] | None = None, epoch: int | None = None) -> None:
         """Store one record, charge its cost to the key and queue its deliveries,
         atomically (a terminal record also closes the task: `final_state`).
         Raises InsufficientBalance or KeyRevoked (and stores nothing) when the
