@@ -9,6 +9,7 @@
 #                                   tests/test_console.py (driven by Playwright from PyPI, no browser download)
 #   * nodejs + npm                - `npm pack hls.js` for tests/test_hlsjs.py
 #   * prometheus, systemd         - promtool, a real Prometheus, systemd-analyze (tests/test_deploy.py)
+#   * postgresql-15               - the PostgreSQL store tests and the cluster test (tests/pg_server.py)
 #
 # Idempotent: when every package is already installed this exits without touching
 # apt at all (no `apt-get update`), so reruns are fast.
@@ -38,6 +39,7 @@ PACKAGES=(
   curl                        # the README tour's API calls, run by tests/test_readme_tour.py
   prometheus                  # promtool + a real Prometheus for tests/test_deploy.py (deploy/ rules, dashboard)
   systemd                     # systemd-analyze verify of deploy/systemd/streamguard.service
+  postgresql-15               # a real PostgreSQL for the store and cluster tests (initdb + postgres, run unprivileged)
 )
 
 missing=()

@@ -248,8 +248,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _open_key_store(settings: Settings, action: str) -> "Store":
     """The store a `keys` command works on, named on stderr: a key created in
     another directory's ./var is a key the daemon never sees."""
-    from .store import Store
+    from .store import Store, is_shared, open_store
 
+    if is_shared(settings):
+        print("streamguard: keys store: the shared PostgreSQL database (storage.database_url)", file=sys.stderr)
+        return open_store(settings)
     path = settings.data_dir / "streamguard.db"
     if not path.exists():
         if action != "create":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
@@ -83,6 +84,9 @@ class S3Settings(_Section, kw_only=True):
 
 class StorageSettings(_Section, kw_only=True):
     data_dir: str = "./var"
+    # Empty: SQLite under data_dir (one node). postgresql://user:pass@host/db:
+    # a PostgreSQL database that several nodes share (CONTRACT section 7).
+    database_url: str = ""
     # Where media (segments, playlists, thumbnails) goes: "local" (served under
     # /media from data_dir/media) or "s3" (the [storage.s3] bucket; several
     # nodes can share it). Jobs with an s3Config go to their own bucket either way.
@@ -100,6 +104,8 @@ class StorageSettings(_Section, kw_only=True):
     sweep_interval_seconds: PosFloat = 60.0
 
     def __post_init__(self) -> None:
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("storage.database_url must be empty (SQLite) or a postgresql:// URL")
         if self.media == "s3" and not self.s3.bucket:
             raise ValueError("storage.media = \"s3\" needs storage.s3.bucket")
 
@@ -281,6 +287,17 @@ class LogoSettings(_Section, kw_only=True):
     max_logos_per_project: Annotated[int, Meta(ge=1, le=10_000)] = 200
 
 
+class ClusterSettings(_Section, kw_only=True):
+    # This node's name among the nodes sharing storage.database_url (shown as
+    # `node` on live tasks); empty = the host name. Unique per node.
+    node_id: str = ""
+    # A node owns each live task and running job it runs through a lease in
+    # the database, renewed every third of this; a node that stops renewing
+    # (dead, paused, cut off) loses them to another node once it runs out.
+    # Only with PostgreSQL: a single node on SQLite owns everything.
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 10.0
+
+
 class Settings(_Section, kw_only=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -292,12 +309,17 @@ class Settings(_Section, kw_only=True):
     sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
     logos: LogoSettings = msgspec.field(default_factory=LogoSettings)
 
     @property
     def data_dir(self) -> Path:
         return Path(self.storage.data_dir)
+
+    @property
+    def node_id(self) -> str:
+        return self.cluster.node_id or socket.gethostname()
 
 
 def _parse_env_value(raw: str) -> Any:

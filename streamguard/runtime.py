@@ -19,7 +19,8 @@ from .media.storage import LocalStorage, MediaStorage, StorageError, node_storag
 from .metrics import Metrics
 from .services.projects import ProjectService
 from .secretbox import SecretBox
-from .store import AsyncStore, Store
+from .services.cluster import LeaseKeeper, Ownership
+from .store import AsyncStore, Store, open_async_store
 from .services.jobs import JobService
 from .services.logos import LogoService
 from .services.streams import StreamService
@@ -76,6 +77,7 @@ class Runtime:
     jobs: JobService
     logos: LogoService
     model_error: str | None = None
+    leases: LeaseKeeper | None = None  # several nodes on a shared store (services/cluster.py)
     _housekeeping: asyncio.Task | None = None
     _storage_check: asyncio.Task | None = None
 
@@ -88,7 +90,9 @@ class Runtime:
         loop = asyncio.get_running_loop()
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        store = AsyncStore(await loop.run_in_executor(None, Store, data_dir / "streamguard.db"))
+        store = await open_async_store(settings)
+        ownership = Ownership.of(settings)
+        log.info("node %s: %s store", ownership.node, "shared PostgreSQL" if ownership.shared else "SQLite")
         metrics = Metrics()
         analyzer, model_error = await load_analyzer(settings, model_dir, metrics)
         disk = DiskSpace(data_dir, settings.storage.min_free_bytes)
@@ -96,19 +100,26 @@ class Runtime:
         storage = node_storage(settings.storage.media, settings.storage.s3, data_dir / "media", public)
         retention = MediaRetention(data_dir / "media", settings.storage.media_retention_hours * 3600, disk,
                                    mirror=storage if storage.kind != LocalStorage.kind else None)
-        delivery = DeliveryWorker(store, settings.delivery, metrics)
+        delivery = DeliveryWorker(store, settings.delivery, metrics, ownership.node if ownership.shared else None)
         delivery.start()
         logos = LogoService(settings, store, analyzer)
         await logos.start()
         streams = StreamService(settings, store, analyzer, metrics, public, delivery, disk=disk,
-                                model_error=model_error, storage=storage, logos=logos)
-        resumed = await streams.resume_orphans()
-        if resumed:
-            log.warning("resumed %d task(s) left running by a previous process", resumed)
-        streams.start_shedder()
+                                model_error=model_error, storage=storage, ownership=ownership,
+                                logos=logos)
         secrets = await loop.run_in_executor(None, SecretBox.from_settings, settings)
         jobs = JobService(settings, store, analyzer, metrics, public, delivery, disk=disk, model_error=model_error,
-                          secrets=secrets, logos=logos)
+                          secrets=secrets, ownership=ownership, logos=logos)
+        leases = LeaseKeeper(settings, store, ownership, metrics, streams, jobs) if ownership.shared else None
+        if leases is not None:
+            await leases.heartbeat()  # this node is a placement target from now on
+        resumed = await streams.resume_orphans()
+        if resumed:
+            log.warning("resumed %d task(s) left running by a previous process%s", resumed,
+                        " or whose lease ran out" if ownership.shared else "")
+        streams.start_shedder()
+        if leases is not None:
+            leases.start()
         swept = await jobs.sweep_work()
         if swept:
             log.warning("removed %d leftover job input folder(s) of ended jobs or interrupted uploads", swept)
@@ -116,7 +127,7 @@ class Runtime:
         runtime = cls(settings, store, analyzer, metrics, streams, delivery,
                       ProjectService(store, settings.delivery, settings.sources, secrets),
                       DeliveryService(store, delivery), time.time(),
-                      disk, retention, jobs, logos, model_error)
+                      disk, retention, jobs, logos, model_error, leases)
         runtime._housekeeping = asyncio.create_task(runtime._housekeeping_loop(), name="housekeeping")
         if storage.kind != LocalStorage.kind:
             runtime._storage_check = asyncio.create_task(check_media_storage(storage), name="storage-check")
@@ -156,11 +167,15 @@ class Runtime:
         for task in (self._housekeeping, self._storage_check):
             if task is not None:
                 task.cancel()
+        # Leases are renewed through the drain (tasks finish their segment
+        # here, then are handed over); the keeper stops after it.
         await asyncio.gather(self.streams.drain(), self.jobs.drain())
+        if self.leases is not None:
+            await self.leases.close()
         await self.delivery.close()
         if self.analyzer is not None:
             self.analyzer.close()
-        self.store.close()
+        await self.store.aclose()
 
     @property
     def media_root(self) -> Path:

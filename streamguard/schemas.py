@@ -352,6 +352,8 @@ class StreamTask(_Wire, kw_only=True):
     created_at: str
     started_at: str | None
     stopped_at: str | None
+    # The node that runs the task (CONTRACT section 7), or ran it last.
+    node: str | None = None
 
 
 class StreamAlert(_Wire, kw_only=True):

@@ -77,3 +77,34 @@ def run_cli(*args: str | os.PathLike, timeout: float = 120, env: dict | None = N
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL (Debian's postgresql-15) on loopback, for the whole session."""
+    from pg_server import PostgresServer, missing
+    problem = missing()
+    if problem:
+        pytest.fail(f"PostgreSQL missing: {problem}", pytrace=False)
+    with PostgresServer() as srv:
+        yield srv
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path):
+    """Opens stores on one database, SQLite or a fresh PostgreSQL database:
+    `store_backend()` is a new connection each call (like another process)."""
+    from streamguard.store import Store
+    if request.param == "sqlite":
+        def open_sqlite() -> Store:
+            return Store(tmp_path / "sg.db")
+        open_sqlite.kind = "sqlite"  # type: ignore[attr-defined]
+        return open_sqlite
+    from streamguard.store.postgres import PgStore
+    url = request.getfixturevalue("postgres").new_database()
+
+    def open_pg() -> Store:
+        return PgStore(url)
+    open_pg.kind = "postgres"  # type: ignore[attr-defined]
+    open_pg.url = url  # type: ignore[attr-defined]
+    return open_pg

@@ -56,6 +56,17 @@ def request(base: str, method: str, path: str, body: Any = None, *, key: str | N
     return Reply(status, parsed, hdrs)
 
 
+def wait_for(predicate, timeout: float, what: str, logs, interval: float = 0.25):
+    """`predicate()` once it is truthy; an AssertionError with `logs()` (the daemons' logs) after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- daemon log ---\n{logs()}")
+
+
 # Tests publish their sources on loopback, which the source address rules refuse
 # by default; a test of those rules passes STREAMGUARD_SOURCES__ALLOW_PRIVATE=false.
 DEFAULT_ENV = {"STREAMGUARD_SOURCES__ALLOW_PRIVATE": "true"}
@@ -65,14 +76,15 @@ class Daemon:
     """`python -m streamguard serve` on a free loopback port with its own data dir.
     `env` adds STREAMGUARD_* overrides (e.g. short timeouts for tests) to DEFAULT_ENV."""
 
-    def __init__(self, data_dir: Path, bundle: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, bundle: Path, env: dict[str, str] | None = None, *,
+                 log_name: str = "daemon.log") -> None:
         self.data_dir = Path(data_dir)
         self.bundle = bundle
         self.env = {**DEFAULT_ENV, **(env or {})}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.data_dir / "daemon.log"
+        self.log_path = self.data_dir / log_name  # nodes of a cluster may share a data dir
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "streamguard", *args, "--data-dir", str(self.data_dir)],
@@ -129,13 +141,7 @@ class Daemon:
         self.kill()
 
     def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.25):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- daemon log ---\n{self.logs()}")
+        return wait_for(predicate, timeout, what, self.logs, interval)
 
     def records(self, task_id: str, key: str) -> list[dict]:
         reply = self.call("GET", f"/v1/streams/{task_id}/records?limit=1000", key=key)

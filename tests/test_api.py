@@ -4,6 +4,7 @@ capacity and balance at start, keys CLI, OpenAPI, metrics."""
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -153,6 +154,7 @@ def test_project_scoping_capacity_and_stop(daemon, key):
         view = daemon.call("GET", f"/v1/streams/{tid}", key=key).data
         assert view["state"] in ("starting", "running") and view["status"] is None
         assert view["playlist_url"].endswith(f"/media/{tid}/master.m3u8")
+        assert view["node"] == socket.gethostname()  # one node: cluster.node_id defaults to the host name
         # stop both; the stop of the first is synchronous and final
         stopped = daemon.call("DELETE", f"/v1/streams/{tid}", key=key)
         assert stopped.status == 200 and stopped.data["state"] == "stopped" and stopped.data["status"] == 14

@@ -126,11 +126,15 @@ def test_helm_chart_lints_renders_and_validates_strictly(tmp_path: Path) -> None
     spod = s["StatefulSet"]["spec"]["template"]["spec"]
     env = {e["name"]: e for e in spod["containers"][0]["env"]}
     for name in ("STREAMGUARD_STORAGE__DATABASE_URL", "STREAMGUARD_STORAGE__S3__ACCESS_KEY",
-                 "STREAMGUARD_STORAGE__S3__SECRET_KEY"):
+                 "STREAMGUARD_STORAGE__S3__SECRET_KEY", "STREAMGUARD_SECURITY__SECRET_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
     assert spod["tolerations"][0]["key"] == "nvidia.com/gpu" and spod["nodeSelector"] == {"accelerator": "nvidia"}
     conf = tomllib.loads(s["ConfigMap"]["data"]["streamguard.toml"])
     assert conf["storage"]["media"] == "s3" and conf["cluster"]["lease_seconds"] == LEASE_SECONDS
+    # the scale-out ConfigMap is one the daemon loads: each pod its own node id (its name), one shared database
+    scaled = load_settings(overrides=conf, environ={"STREAMGUARD_STORAGE__DATABASE_URL": "postgresql://u@db/sg"})
+    assert scaled.cluster.lease_seconds == LEASE_SECONDS and scaled.storage.media == "s3"
+    assert env["STREAMGUARD_CLUSTER__NODE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
@@ -170,10 +174,18 @@ def test_compose_file_has_the_contract_services() -> None:
     compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
     services = compose["services"]
     assert {"node1", "node2", "postgres", "minio", "prometheus"} <= services.keys()
+    ids = set()
     for node in ("node1", "node2"):
         env = services[node]["environment"]
         assert env["STREAMGUARD_STORAGE__MEDIA"] == "s3"
         assert env["STREAMGUARD_STORAGE__DATABASE_URL"].startswith("postgresql://")
+        # the shared-store settings this daemon reads load as they are written
+        ours = {k: v for k, v in env.items() if k.startswith(("STREAMGUARD_CLUSTER__", "STREAMGUARD_STORAGE__DATABASE"))}
+        assert env["STREAMGUARD_SECURITY__SECRET_KEY"].startswith("${SECURITY_SECRET_KEY:?")  # one key, set by the operator
+        settings = load_settings(environ=ours)
+        assert settings.storage.database_url and settings.cluster.lease_seconds == LEASE_SECONDS
+        ids.add(settings.node_id)
+    assert ids == {"node1", "node2"}  # one id per node
     for svc in services.values():
         image = svc.get("image", "")
         assert ":" in image and not image.endswith(":latest"), image

@@ -1,7 +1,7 @@
-"""The SQLite store: migrations, keys, atomic charging, outbox order, retention."""
+"""The store, on SQLite and on a real PostgreSQL (each test runs on both):
+migrations, keys, atomic charging, outbox order, retention."""
 
 import asyncio
-import sqlite3
 import time
 
 import pytest
@@ -12,8 +12,8 @@ from streamguard.store.sqlite import InsufficientBalance, KeyRevoked, OutboxItem
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "sg.db")
+def store(store_backend):
+    s = store_backend()
     yield s
     s.close()
 
@@ -25,19 +25,20 @@ def task(store: Store, key_id: str, project_id: str) -> TaskRow:
     return row
 
 
-def test_wal_and_migrations_are_applied_once(tmp_path):
-    s = Store(tmp_path / "a.db")
+def test_wal_and_migrations_are_applied_once(store_backend):
+    s = store_backend()
     assert s.schema_version == len(MIGRATIONS)
-    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if store_backend.kind == "sqlite":
+        assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
-    again = Store(tmp_path / "a.db")  # reopening migrates nothing
+    again = store_backend()  # reopening migrates nothing
     assert again.schema_version == len(MIGRATIONS)
     again.close()
 
 
-def test_keys_are_stored_hashed(store, tmp_path):
+def test_keys_are_stored_hashed(store):
     key, info = store.create_key("acme", 100)
-    raw = sqlite3.connect(tmp_path / "sg.db").execute("SELECT key_hash FROM api_keys").fetchall()
+    raw = [tuple(r) for r in store.db.execute("SELECT key_hash FROM api_keys").fetchall()]
     assert raw == [(hash_key(key),)] and key not in str(raw)
     assert store.authenticate(key).project_id == info.project_id
     store.revoke_key(info.id)
@@ -81,11 +82,11 @@ def test_retention_purges_old_records_and_settled_deliveries(store):
     assert store.outbox_stats()[0] == 1  # the old one was still pending: kept
 
 
-def test_a_revoked_key_pays_for_no_record_but_its_terminal_record_is_stored(store, tmp_path):
+def test_a_revoked_key_pays_for_no_record_but_its_terminal_record_is_stored(store, store_backend):
     key, info = store.create_key("acme", 1000)
     row = task(store, info.id, info.project_id)
     store.append_record(row.id, info.id, 0, 0, b"{}", cost=10)
-    other = Store(tmp_path / "sg.db")  # `streamguard keys revoke`: another connection, another process
+    other = store_backend()  # `streamguard keys revoke`: another connection, another process
     assert other.revoke_key(key)
     assert other.revoked_keys([info.id, "key_unknown"]) == {info.id, "key_unknown"}
     other.close()
@@ -96,28 +97,48 @@ def test_a_revoked_key_pays_for_no_record_but_its_terminal_record_is_stored(stor
     assert store.balance(info.id) == 990 and store.task(row.id).state == "stopped"
 
 
-def test_reads_answer_while_a_write_waits_on_a_lock(tmp_path):
+def test_reads_answer_while_a_write_waits_on_a_lock(store_backend):
     """Status reads run on their own connection: a write stuck on another process's
-    lock (up to the busy timeout) does not hold them up."""
+    lock (SQLite: up to the busy timeout; PostgreSQL: a row lock) does not hold them up."""
     async def scenario() -> float:
-        s = AsyncStore(Store(tmp_path / "sg.db"))
+        if store_backend.kind == "sqlite":
+            s = AsyncStore(store_backend())
+        else:
+            from streamguard.store.postgres import PgAsyncStore
+            s = await PgAsyncStore(store_backend.url).open()
         key, info = await s(Store.create_key, "acme", None)
         row = TaskRow(id="tsk_1", project_id=info.project_id, key_id=info.id, kind="stream", url="rtmp://x",
                       params={}, state="running", created_at=time.time())
         await s(Store.create_task, row)
-        lock = sqlite3.connect(tmp_path / "sg.db", isolation_level=None)
-        lock.execute("BEGIN EXCLUSIVE")
+        lock = store_backend()
+        if store_backend.kind == "sqlite":
+            lock.db.execute("BEGIN EXCLUSIVE")
+        else:
+            lock.db.execute("BEGIN")
+            lock.db.execute("SELECT id FROM tasks WHERE id = 'tsk_1' FOR UPDATE")
         write = asyncio.create_task(s(Store.add_reconnect, "tsk_1"))  # waits for the lock
         await asyncio.sleep(0.2)
         t0 = time.monotonic()
         assert (await s(Store.task, "tsk_1")).state == "running"
         assert await s(Store.authenticate, key) is not None
         took = time.monotonic() - t0
-        lock.execute("ROLLBACK")
+        assert not write.done()
+        lock.db.execute("ROLLBACK")
         lock.close()
         await write
         assert (await s(Store.task, "tsk_1")).reconnects == 1
-        s.close()
+        await s.aclose()
         return took
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_an_unreachable_database_is_one_clear_line_without_its_password(cli, tmp_path):
+    port = __import__("daemon").free_port()  # nothing listens there
+    res = cli("keys", "create", "--project", "acme", "--data-dir", tmp_path,
+              env={"STREAMGUARD_STORAGE__DATABASE_URL": f"postgresql://sg:hunter2@127.0.0.1:{port}/sg"})
+    assert res.returncode == 1, res.stderr
+    assert f"cannot open the database 127.0.0.1:{port}/sg" in res.stderr and "hunter2" not in res.stderr
+    assert "Traceback" not in res.stderr
+    bad = cli("keys", "create", "--project", "acme", env={"STREAMGUARD_STORAGE__DATABASE_URL": "mysql://x"})
+    assert bad.returncode == 1 and "storage.database_url must be empty (SQLite) or a postgresql:// URL" in bad.stderr

@@ -24,7 +24,7 @@ def stream_view(runtime: Runtime, row: TaskRow) -> StreamTask:
         counters=TaskCounters(segments=row.segments, flagged_segments=row.flagged_segments, tokens=row.tokens,
                               reconnects=row.reconnects),
         settings=params, metadata=metadata, created_at=iso(row.created_at) or "",
-        started_at=iso(row.started_at), stopped_at=iso(row.stopped_at))
+        started_at=iso(row.started_at), stopped_at=iso(row.stopped_at), node=row.node)
 
 
 async def start_stream(request: web.Request) -> web.Response:

@@ -9,6 +9,10 @@ from it:
   its own stream; at most `max_in_flight` requests run at once;
 - at least once: a send that may have happened before a crash is sent again
   after restart, with the same webhook-id;
+- across nodes (a shared store): each send first claims its row for the
+  request's time limit, so one node at a time sends a stream's head; a
+  node that dies mid-send leaves a claim that runs out, and another node
+  sends that row again (same webhook-id: the only duplicate there can be);
 - Standard Webhooks signing with the project's secret (and the previous one
   during a rotation's grace period).
 """
@@ -102,8 +106,12 @@ def backoff(attempts: int, settings: DeliverySettings) -> float:
 
 
 class DeliveryWorker:
-    def __init__(self, store: AsyncStore, settings: DeliverySettings, metrics: Metrics) -> None:
+    def __init__(self, store: AsyncStore, settings: DeliverySettings, metrics: Metrics,
+                 node: str | None = None) -> None:
+        """`node`: this node's id when several nodes send from one outbox (claims are then taken)."""
         self.store = store
+        self._claim_prefix = None if node is None else f"{node}:"
+        self._claim = None if node is None else f"{node}:{uuid.uuid4().hex[:12]}"
         self.settings = settings
         self.metrics = metrics
         self._wake = asyncio.Event()
@@ -126,6 +134,10 @@ class DeliveryWorker:
             headers={"User-Agent": USER_AGENT})
         self._runner = asyncio.create_task(self._run(), name="delivery")
 
+    def _claim_until(self) -> tuple[str, float] | None:
+        # a claim outlives its request (timeout) by a margin for the store writes around it
+        return None if self._claim is None else (self._claim, time.time() + self.settings.timeout + 10.0)
+
     async def close(self, flush_timeout: float = 5.0) -> None:
         """Give in-flight requests a moment to finish; the rest stays in the
         outbox and goes out after restart."""
@@ -139,6 +151,11 @@ class DeliveryWorker:
             await self._session.close()
 
     async def _run(self) -> None:
+        if self._claim_prefix is not None:
+            try:  # what a previous process of this node claimed goes out again now, not when its claim runs out
+                await self.store(Store.release_claims, self._claim_prefix)
+            except Exception:
+                log.exception("releasing this node's earlier delivery claims failed")
         while True:
             try:
                 await self._dispatch()
@@ -152,7 +169,7 @@ class DeliveryWorker:
         free = self.settings.max_in_flight - len(self._inflight)
         if free <= 0:
             return
-        rows = await self.store(Store.due_deliveries, time.time(), free, set(self._inflight))
+        rows = await self.store(Store.due_deliveries, time.time(), free, set(self._inflight), self._claim_until())
         for row in rows:
             task = asyncio.create_task(self._send(row))
             self._inflight[row.stream_key] = task
@@ -208,7 +225,8 @@ class DeliveryWorker:
     async def _send(self, row: DeliveryRow) -> None:
         project = await self._project(row.project_id)
         if project is None:
-            await self.store(Store.delivery_failed_attempt, row.id, "project no longer exists", None, None)
+            await self.store(Store.delivery_failed_attempt, row.id, "project no longer exists", None, None,
+                             self._claim)
             return
         ts = int(time.time())
         headers = {
@@ -221,16 +239,16 @@ class DeliveryWorker:
         status, error = await self._post(row, headers)
         self.metrics.delivery_attempts.inc()
         if error is None:
-            await self.store(Store.delivery_done, row.id, status)
+            await self.store(Store.delivery_done, row.id, status, self._claim)
             self.metrics.deliveries.labels("delivered").inc()
             self.metrics.delivery_latency.observe(time.time() - row.created_at)
             return
         attempts = row.attempts + 1
         if attempts >= self.settings.max_attempts:
-            await self.store(Store.delivery_failed_attempt, row.id, error, status, None)
+            await self.store(Store.delivery_failed_attempt, row.id, error, status, None, self._claim)
             self.metrics.deliveries.labels("failed").inc()
             log.warning("delivery %s to %s failed for good after %d attempts: %s", row.id, row.url, attempts, error)
             return
         await self.store(Store.delivery_failed_attempt, row.id, error, status,
-                         time.time() + backoff(attempts, self.settings))
+                         time.time() + backoff(attempts, self.settings), self._claim)
         self.metrics.deliveries.labels("retry").inc()

@@ -169,6 +169,11 @@ class HlsRendition:
         files still exist is kept, so sequence numbers stay tied to positions."""
         path = self.dir / "playlist.m3u8"
         if not path.exists():
+            # Taken over from another node (its playlist is in the shared media
+            # store, not here): the sequence numbers go on from the segment
+            # indexes, never back to 0 under a player that read the old one.
+            self.media_sequence = next_index
+            self._discontinuity = True
             return
         first_seq = first_disc = 0
         listed: list[PlaylistEntry] = []

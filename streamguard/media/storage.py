@@ -321,8 +321,12 @@ class MediaMirror:
     thread) never block on the network."""
 
     def __init__(self, storage: MediaStorage, task_dir: Path, key_prefix: str,
-                 on_failure: Callable[[StorageError], None] = lambda err: None) -> None:
+                 on_failure: Callable[[StorageError], None] = lambda err: None,
+                 may_put: Callable[[], bool] = lambda: True) -> None:
+        """`may_put`: asked before each put; false drops it (the task passed to
+        another node, whose media this node must not overwrite)."""
         self.storage = storage
+        self.may_put = may_put
         self.task_dir = Path(task_dir)
         self.key_prefix = key_prefix
         self.on_failure = on_failure
@@ -355,7 +359,7 @@ class MediaMirror:
     def _run(self) -> None:
         while (item := self._queue.get()) is not _CLOSE:
             delay = 1.0
-            while True:
+            while self.may_put() or self._dropped(item):
                 try:
                     if item.data is not None:
                         self.storage.put_bytes(item.key, item.data, live=True)
@@ -374,6 +378,10 @@ class MediaMirror:
                         break
                     delay = min(delay * 2, 30.0)
             self._count("pending", -1)
+
+    def _dropped(self, item: _Put) -> bool:
+        log.warning("media of %s: %s not stored: the task is no longer this node's", self.task_dir.name, item.key)
+        return False
 
     def close(self, timeout: float) -> bool:
         """Flush what is queued (at most `timeout` seconds), then stop. True

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -38,6 +37,7 @@ from ..media.replay import ReplayGuard
 from ..media.source import MediaSource, SourceOptions
 from .segments import SegmentPipeline, StopMode
 from ..schemas import STATUS_CAPACITY, STATUS_NO_DATA
+from ..store import store_errors
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Failure:
 def describe_failure(exc: BaseException) -> Failure:
     """What an unexpected exception inside a task means, for the log, the
     metric and the task's final message."""
-    if isinstance(exc, sqlite3.Error):
+    if isinstance(exc, store_errors()):
         return Failure("store", f"store error: {exc}")
     if isinstance(exc, OSError):
         # The source's own I/O errors arrive as MediaError; an OSError here is

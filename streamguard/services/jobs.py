@@ -61,9 +61,10 @@ from ..schemas import (JobFlaggedFrame, Job, JobListQuery, JobOptions, JobReques
                       RecordQuery, SegmentRecord, TokenUsage, Violation, encoder, iso)
 from ..store import AsyncStore, Store
 from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
-from ..store.sqlite import JobRow, KeyRevoked, OutboxItem, Principal, TaskRow, new_id
+from ..store.sqlite import Claimant, JobRow, KeyRevoked, LeaseLost, OutboxItem, Principal, TaskRow, new_id
 from ..secretbox import SecretBox
 from . import outputs
+from .cluster import Ownership
 from .streams import Event, SegmentQueue, segment_event
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def lifecycle_events(name: str, public_url: str) -> Callable[[Store, JobRow], li
 def store_job_record(store: Store, row: JobRow, seq: int, status: int, body: bytes, **kwargs: Any) -> None:
     """Runs on the store thread: record, charge, progress and its delivery in one transaction."""
     store.append_job_record(row.id, row.task.key_id, seq, status, body,
-                            outbox=job_outbox(store, row, [segment_event(body)]), **kwargs)
+                            outbox=job_outbox(store, row, [segment_event(body)]), epoch=row.task.epoch, **kwargs)
 
 
 # --- the job summary ----------------------------------------------------------------------------------
@@ -232,6 +233,7 @@ class RunningJob:
     task: asyncio.Task | None = None
     stop: str | None = None  # a StopMode once the run must end early
     failure: JobFailed | None = None  # why it ended early (None: drain, it runs again)
+    lost: bool = False  # another node took the job over (this node's lease lapsed): it writes nothing more
     next_seq: int = 0  # segments below this are stored already (an earlier run)
     # categorization evidence of every segment of this run (analysis/categorize.py)
     categories: CategoryEvidence = field(default_factory=CategoryEvidence.empty)
@@ -241,10 +243,11 @@ class JobService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
                  public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
                  model_error: str | None = None, secrets: SecretBox | None = None,
-                 logos: LogoService | None = None) -> None:
+                 ownership: Ownership | None = None, logos: LogoService | None = None) -> None:
         self.settings = settings
         self.secrets = secrets or SecretBox.from_settings(settings)
         self.store = store
+        self.ownership = ownership or Ownership.of(settings)
         self.analyzer = analyzer
         self.logos = logos  # the project galleries
         self.model_error = model_error
@@ -360,7 +363,9 @@ class JobService:
     async def sweep_work(self) -> int:
         """At start: remove what ended jobs and interrupted uploads left under
         the work root (a crash between receiving a file and storing its job)."""
-        queued = {row.id for row in await self.store(Store.runnable_jobs, [], 1_000_000)}
+        # every queued or running job, whichever node has it (nodes may share this data dir)
+        everyone = Claimant(self.ownership.node, time.time(), time.time(), any_owner=True)
+        queued = {row.id for row in await self.store(Store.runnable_jobs, [], 1_000_000, everyone)}
 
         def sweep() -> int:
             stale = [p for p in self.work_root.iterdir() if p.name not in queued] if self.work_root.is_dir() else []
@@ -386,7 +391,7 @@ class JobService:
             free = self.settings.jobs.concurrency - len(self.running)
             if free <= 0:
                 return
-            rows = await self.store(Store.runnable_jobs, list(self.running), free)
+            rows = await self.store(Store.runnable_jobs, list(self.running), free, self.ownership.claimant())
             if not rows or self.draining:
                 return
             for row in rows:
@@ -400,13 +405,14 @@ class JobService:
         try:
             try:
                 row = await self.store(Store.claim_job, job_id,
-                                       lifecycle_events("video.conversion.started", self.public_url))
+                                       lifecycle_events("video.conversion.started", self.public_url),
+                                       self.ownership.claimant())
             except Exception as exc:  # the store is failing: the job stays queued for a later look
                 log.error("job %s: cannot start it now: %s", job_id, exc)
                 await asyncio.sleep(DISPATCH_INTERVAL)
                 return
             if row is None:
-                return  # cancelled between the dispatcher's look and the claim
+                return  # cancelled, or claimed by another node, between the dispatcher's look and the claim
             self.delivery.wake()
             running.row, running.next_seq = row, row.task.next_seq
             if row.attempts > 1:
@@ -414,6 +420,8 @@ class JobService:
                             job_id, row.attempts, row.task.next_seq)
             try:
                 await self._process(running)
+            except LeaseLost:
+                self.lost([job_id])
             except JobFailed as failure:
                 await self._fail(running, failure)
             except Exception as exc:
@@ -450,6 +458,8 @@ class JobService:
         upload = await self._open_upload(row, staging)
         try:
             result = await self._ingest(running, path, info, opts, staging, upload)
+            if running.lost:
+                return  # another node runs it now
             if running.failure is not None:
                 raise running.failure
             if running.stop:
@@ -591,6 +601,9 @@ class JobService:
         except KeyRevoked:
             self._end_now(running, JobFailed(KEY_REVOKED, "the API key was revoked"))
             return
+        except LeaseLost:
+            self.lost([running.row.id])
+            return
         running.next_seq = seg.index + 1
         self.delivery.wake()
         self.metrics.segments.labels(str(body.status)).inc()
@@ -634,6 +647,8 @@ class JobService:
         await self._cleanup(row.id, keep_media=True)
 
     async def _fail(self, running: RunningJob, failure: JobFailed) -> None:
+        if running.lost:
+            return
         log.warning("job %s failed: %s %s", running.row.id, failure.code, failure.message)
         await self._finish(running.row, "FAILED", error_code=failure.code, error_message=failure.message)
         await self._cleanup(running.row.id)
@@ -647,8 +662,11 @@ class JobService:
         while True:
             try:
                 done = await self.store(Store.finish_job, row.id, status, lifecycle_events(name, self.public_url),
-                                        **results)
+                                        epoch=row.task.epoch, **results)
                 break
+            except LeaseLost:  # another node runs the job again: its end is that node's to store
+                self.lost([row.id])
+                return None
             except Exception as exc:
                 if self.draining:
                     raise
@@ -667,6 +685,21 @@ class JobService:
             if not keep_media:
                 shutil.rmtree(self.media_root / job_id, ignore_errors=True)
         await asyncio.get_running_loop().run_in_executor(None, remove)
+
+    # --- ownership: leases across nodes (services/cluster.py) ------------------------------------
+
+    def held(self) -> dict[str, int]:
+        """{job id: epoch} of the jobs this node runs and still believes it owns."""
+        return {job_id: r.row.task.epoch for job_id, r in self.running.items() if not r.lost}
+
+    def lost(self, job_ids: list[str]) -> None:
+        """Another node claimed these jobs (this node's lease lapsed): stop them here, writing nothing more."""
+        for job_id in job_ids:
+            running = self.running.get(job_id)
+            if running is not None and not running.lost:
+                log.warning("job %s: lease lost (another node runs it now); stopping it here", job_id)
+                running.lost = True
+                running.stop = StopMode.NOW
 
     # --- drain ----------------------------------------------------------------------------------------
 

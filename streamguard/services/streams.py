@@ -46,8 +46,9 @@ from ..schemas import (STATUS_CAPACITY, AlertQuery, STATUS_NO_BALANCE, STATUS_US
                       RecordQuery, SegmentRecord, StreamListQuery, StreamRequest, encoder, status_record)
 from ..store import AsyncStore
 from ..store.sqlite import InsufficientBalance as StoreInsufficientBalance
-from ..store.sqlite import KeyRevoked, OutboxItem, Principal, Store, TaskRow, new_id
+from ..store.sqlite import KeyRevoked, LeaseLost, OutboxItem, Principal, Store, TaskRow, new_id
 from .alerts import AlertWatcher
+from .cluster import Ownership
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ class RunningTask:
     # Ended at once (balance, shed, revoked key): segments still in flight get no record.
     discard: bool = False
     mirror: MediaMirror | None = None  # publishes its media to the node's S3 storage
+    # Another node took the task over: this node writes nothing more for it.
+    lost: bool = False
+    # Draining on a shared store: after its in-flight segment the task is
+    # handed to another node (lease released), not ended.
+    handover: bool = False
 
 
 @dataclass
@@ -176,8 +182,15 @@ def store_task(store: Store, row: TaskRow, events: list[Event]) -> None:
 
 def store_record(store: Store, row: TaskRow, seq: int, status: int, body: bytes, events: list[Event],
                  **kwargs: Any) -> None:
-    """Runs on the store thread: record, charge and deliveries in one transaction."""
-    store.append_record(row.id, row.key_id, seq, status, body, outbox=_outbox(store, row, events), **kwargs)
+    """Runs on the store thread: record, charge and deliveries in one
+    transaction, under the epoch this node claimed the task with (LeaseLost if stale)."""
+    store.append_record(row.id, row.key_id, seq, status, body, outbox=_outbox(store, row, events),
+                        epoch=row.epoch, **kwargs)
+
+
+def assign_task(store: Store, row: TaskRow, events: list[Event], alive_after: float) -> bool:
+    """Runs on the store thread: the task, for `row.node` to claim, and its events in one transaction."""
+    return store.assign_task(row, _outbox(store, row, events), alive_after)
 
 
 def store_end(store: Store, row: TaskRow, seq: int, end: TaskEnd) -> None:
@@ -205,7 +218,7 @@ class StreamService:
     def __init__(self, settings: Settings, store: AsyncStore, analyzer: Analyzer | None, metrics: Metrics,
                  public_url: str, delivery: DeliveryWorker, *, disk: DiskSpace | None = None,
                  model_error: str | None = None, storage: MediaStorage | None = None,
-                 logos: LogoService | None = None) -> None:
+                 ownership: Ownership | None = None, logos: LogoService | None = None) -> None:
         self.settings = settings
         self.logos = logos  # the project galleries (None: logo detection off on this node)
         self.store = store
@@ -214,9 +227,12 @@ class StreamService:
         self.analyzer = analyzer
         self.model_error = model_error  # why analyzer is None
         self.disk = disk or DiskSpace(settings.data_dir, settings.storage.min_free_bytes)
+        self.ownership = ownership or Ownership.of(settings)
+        own = self.ownership
         self.live_media = LiveMedia(window_seconds=settings.live.playlist_window_seconds,
                                     max_age_seconds=settings.storage.media_retention_hours * 3600,
-                                    may_write=self.disk.ok)
+                                    # no media while this node's leases may have passed to another node
+                                    may_write=lambda: self.disk.ok() and own.fresh())
         self.metrics = metrics
         self.media_root = settings.data_dir / "media"
         self.public_url = public_url.rstrip("/")
@@ -227,6 +243,8 @@ class StreamService:
         self.draining = False
         self._loops: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
+        self._lost: set[str] = set()  # tasks another node took over from this one: no more writes here
+        self._stopping: set[str] = set()  # tasks another node ran, being ended here (stop)
 
     # --- queries --------------------------------------------------------------
 
@@ -290,20 +308,15 @@ class StreamService:
         validate_stream_request(req)
         self.check_admission(needs_model(req))
         weight = task_weight(req.renditions)
+        target = await self._place(weight)
+        if target != self.ownership.node:
+            return await self._start_on(target, principal, req, weight)
         self._admit(weight)
         try:
-            balance = await self.store(Store.balance, principal.key_id)
-            if balance is not None and balance <= 0:
-                raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
-            await check_source_url(req.url, self.settings.sources)
-            if req.callback_url:
-                await validate_callback_url(req.callback_url, "callback_url", self.settings.delivery)
-            # A recording is a file job; each hop the probe follows obeys the address rules.
-            await check_live_source(req.url, self.settings.live.open_timeout,
-                                    check_hop=lambda url: check_source_url(url, self.settings.sources))
-            row = TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id,
-                          kind="stream", url=req.url, params=msgspec.to_builtins(req), state="starting",
-                          created_at=time.time())
+            await self._check_request(principal, req)
+            row = self._new_row(principal, req, weight, self.ownership.node)
+            row.epoch = 1  # claimed by this node as it is stored
+            row.lease_until = time.time() + self.ownership.lease_seconds
             try:
                 prepared = self._prepare(row, req)
             except OSError as exc:
@@ -318,6 +331,56 @@ class StreamService:
         self._pending.add(commit)
         commit.add_done_callback(self._pending.discard)
         await asyncio.shield(commit)
+        return row
+
+    async def _check_request(self, principal: Principal, req: StreamRequest) -> None:
+        """What a start checks before anything is stored: balance, addresses, a live source."""
+        balance = await self.store(Store.balance, principal.key_id)
+        if balance is not None and balance <= 0:
+            raise InsufficientBalance("the API key has no token balance left", details={"balance": balance})
+        await check_source_url(req.url, self.settings.sources)
+        if req.callback_url:
+            await validate_callback_url(req.callback_url, "callback_url", self.settings.delivery)
+        # A recording is a file job; each hop the probe follows obeys the address rules.
+        await check_live_source(req.url, self.settings.live.open_timeout,
+                                check_hop=lambda url: check_source_url(url, self.settings.sources))
+
+    @staticmethod
+    def _new_row(principal: Principal, req: StreamRequest, weight: int, node: str) -> TaskRow:
+        return TaskRow(id=new_id("tsk"), project_id=principal.project_id, key_id=principal.key_id,
+                       kind="stream", url=req.url, params=msgspec.to_builtins(req), state="starting",
+                       created_at=time.time(), node=node, weight=weight)
+
+    async def _place(self, weight: int) -> str:
+        """The node a new task goes to: on a shared store, the live node with
+        the most free capacity (this one on a tie); 429 when none has room for it."""
+        own = self.ownership
+        if not own.shared:
+            return own.node
+        if self.draining:
+            raise Unavailable("this node is draining and accepts no new tasks")
+        free = await self.store(Store.free_capacity, time.time() - own.lease_seconds)
+        # this node's own count is exact and includes starts in flight
+        free[own.node] = self.settings.limits.max_tasks - self._capacity_used()
+        best = max(free, key=lambda node: (free[node], node == own.node), default=None)
+        if best is None or free[best] < weight:
+            raise CapacityReached("every node runs its maximum of tasks",
+                                  details={"weight": weight, "free": free})
+        return best
+
+    async def _start_on(self, node: str, principal: Principal, req: StreamRequest, weight: int) -> TaskRow:
+        """Start a task on another node (it has more free capacity): stored
+        assigned to it, with its `stream.started` event; that node claims it
+        within a third of a lease. Its lease starts now, so if that node dies
+        first another one takes the task."""
+        await self._check_request(principal, req)
+        row = self._new_row(principal, req, weight, node)
+        row.lease_until = time.time() + self.ownership.lease_seconds
+        started = [task_event("stream.started", row, {"settings": row.params})]
+        if not await self.store(assign_task, row, started, time.time() - self.ownership.lease_seconds):
+            raise CapacityReached(f"node {node} filled up meanwhile; try again", details={"node": node})
+        log.info("task %s assigned to node %s", row.id, node)
+        self.delivery.wake()
         return row
 
     async def _commit(self, prepared: PreparedTask) -> None:
@@ -376,8 +439,11 @@ class StreamService:
         live, mirror = self.live_media, None
         if self.storage.kind != LocalStorage.kind:
             task_dir.mkdir(parents=True, exist_ok=True)
+            own = self.ownership
             mirror = MediaMirror(self.storage, task_dir, row.id,
-                                 on_failure=lambda err: self.metrics.upload_failures.labels(err.reason).inc())
+                                 on_failure=lambda err: self.metrics.upload_failures.labels(err.reason).inc(),
+                                 # a node whose lease may have passed must not overwrite the new owner's media
+                                 may_put=lambda: own.fresh() and row.id not in self._lost)
             live = dataclasses.replace(live, publish=mirror)
 
         def emit(closed: ClosedSegment) -> None:
@@ -468,12 +534,17 @@ class StreamService:
         task.add_done_callback(done)
 
     def _on_connected(self, task_id: str) -> None:
-        if task_id in self.tasks:
-            self._background(self.store(Store.set_task_state, task_id, "running"), f"task {task_id}: state")
+        task = self.tasks.get(task_id)
+        if task is not None:
+            self._background(self.store(Store.set_task_state, task_id, "running", epoch=task.row.epoch),
+                             f"task {task_id}: state")
 
     def _on_restart(self, task_id: str, reason: str) -> None:
         self.metrics.reconnects.labels(reason).inc()
-        self._background(self.store(Store.add_reconnect, task_id), f"task {task_id}: reconnect count")
+        task = self.tasks.get(task_id)
+        if task is not None:
+            self._background(self.store(Store.add_reconnect, task_id, task.row.epoch),
+                             f"task {task_id}: reconnect count")
 
     def _on_failure(self, failure: Failure) -> None:
         self.metrics.task_failures.labels(failure.reason).inc()
@@ -486,6 +557,18 @@ class StreamService:
             assert task.consumer is not None
             # Bounded: a store that is failing must not hold the caller; the stop stands.
             await asyncio.wait([task.consumer], timeout=STOP_WAIT_SECONDS)
+            row = await self.get(principal, task_id)
+        elif self.ownership.shared and row.state != "stopped":
+            # Another node runs it: take it over and end it here. Its owner's next
+            # write is refused (stale epoch) and its next renewal drops it.
+            self._stopping.add(task_id)  # this node's own claim rounds leave it alone meanwhile
+            try:
+                claimed = await self.store(Store.claim_task, task_id, self.ownership.claimant())
+                if claimed is not None:
+                    await self._store_end(claimed, claimed.next_seq,
+                                          TaskEnd(STATUS_USER_STOPPED, "stopped by user"))
+            finally:
+                self._stopping.discard(task_id)
             row = await self.get(principal, task_id)
         return row
 
@@ -520,6 +603,12 @@ class StreamService:
                 task.supervisor.fail(Failure(failure.reason, failure.message,
                                              resume_at=(task.next_seq, task.timeline_end)))
         end: TaskEnd = await task.done
+        if task.lost or task.handover:
+            self.tasks.pop(row.id, None)
+            self.metrics.active_tasks.dec()
+            if task.handover:  # its next segment_index and timeline are in the store: another node goes on
+                await self._release(row)
+            return
         # The slot and the running-task entry go now, stored or not: the node
         # must not keep a dead task. GET shows the end until it is stored.
         self._ended[row.id] = end
@@ -545,6 +634,10 @@ class StreamService:
             try:
                 await self.store(store_end, row, seq, end)
                 break
+            except LeaseLost:  # another node runs the task now: it is that node's to end
+                log.warning("task %s: not ended here: another node took it over", row.id)
+                self._ended.pop(row.id, None)
+                return
             except Exception as exc:
                 log.error("task %s: terminal record not stored (%s); retrying in %.1f s", row.id, exc, delay)
                 self.metrics.task_failures.labels(describe_failure(exc).reason).inc()
@@ -570,6 +663,9 @@ class StreamService:
             return
         except KeyRevoked:
             self._end_now(task, STATUS_USER_STOPPED, "API key revoked")
+            return
+        except LeaseLost:
+            self.lost([task.row.id])
             return
         task.next_seq = closed.segment.index + 1
         task.timeline_end = closed.segment.end
@@ -633,13 +729,17 @@ class StreamService:
                 last_shed = time.monotonic()
 
     async def drain(self) -> None:
-        """SIGTERM: no new tasks; each running task ends with 16 after its in-flight segment."""
+        """SIGTERM: no new tasks; each running task ends with 16 after its
+        in-flight segment; on a shared store it is handed over instead (its
+        lease released: another node continues it with the next segment)."""
         self.draining = True
         for loop_task in self._loops:
             loop_task.cancel()
         for task in list(self.tasks.values()):
+            task.handover = self.ownership.shared
             task.supervisor.request_stop(StopMode.AFTER_SEGMENT, STATUS_CAPACITY, "node draining")
-            self.metrics.tasks_shed.labels("drain").inc()
+            if not task.handover:
+                self.metrics.tasks_shed.labels("drain").inc()
         consumers = [t.consumer for t in self.tasks.values() if t.consumer is not None]
         if not consumers:
             return
@@ -649,37 +749,96 @@ class StreamService:
                 task.supervisor.escalate()
             await asyncio.wait(pending, timeout=30)
 
+    # --- ownership: leases across nodes (services/cluster.py) ------------------------------
+
+    def held(self) -> dict[str, int]:
+        """{task id: epoch} of the tasks this node runs and still believes it owns."""
+        return {task_id: t.row.epoch for task_id, t in self.tasks.items() if not t.lost}
+
+    def lost(self, task_ids: list[str]) -> None:
+        """Another node took these tasks over: stop them here at once, writing
+        nothing more (no record, no terminal record; media stops as well)."""
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is None or task.lost:
+                continue
+            log.warning("task %s: lease lost (another node took it over); stopping it here without writing",
+                        task_id)
+            task.lost = True
+            self._lost.add(task_id)
+            self._end_now(task, STATUS_CAPACITY, "lease lost")
+
+    async def _release(self, row: TaskRow) -> None:
+        try:
+            await self.store(Store.release_task, row.id, row.epoch)
+            log.info("task %s handed over: its lease is released for another node", row.id)
+        except Exception as exc:  # it lapses by itself within a lease
+            log.warning("task %s: lease not released (%s); it lapses within %g s", row.id, exc,
+                        self.ownership.lease_seconds)
+
+    async def take_over(self) -> int:
+        """Claim the live tasks this node should run now (its own left by a
+        previous process, those assigned to it, and any whose lease ran out),
+        as far as its free capacity goes, and run them on. Returns how many."""
+        if self.draining:
+            return 0
+        own = self.ownership
+        room = None if not own.shared else self.settings.limits.max_tasks - self._capacity_used()
+        if room is not None and room <= 0:
+            return 0
+        # a single node resumes everything a previous process left at once; a cluster node a batch per round
+        claimed = await self.store(Store.claim_tasks, own.claimant(), sorted({*self.tasks, *self._stopping}),
+                                   room, 64 if own.shared else 1_000_000)
+        for row, before in claimed:
+            if row.id in self.tasks:  # cannot be: it was excluded; never run a task twice
+                continue
+            if own.shared and self._capacity_used() + row.weight > self.settings.limits.max_tasks:
+                await self.store(Store.release_task, row.id, row.epoch)  # starts took the room meanwhile
+                continue
+            self._lost.discard(row.id)  # it may come back to a node that lost it once
+            if before is not None and before != own.node and self.storage.kind != LocalStorage.kind:
+                # what this node has of its media is from an earlier run here: the bucket has the rest
+                shutil.rmtree(self.media_root / row.id, ignore_errors=True)
+            if before is not None and before != own.node:
+                self.metrics.lease_takeovers.inc()
+                log.warning("task %s: taken over from node %s (epoch %d)", row.id, before, row.epoch)
+            await self._resume(row)
+        return len(claimed)
+
     async def resume_orphans(self) -> int:
         """Tasks a previous process left running (it crashed or was killed)
         carry on: same task, next segment_index, continuous timeline. They hold
         capacity slots like any task; one that cannot be prepared (its media
-        dir is not writable) ends with 16 naming why."""
-        rows = await self.store(Store.tasks_in_state, "starting", "running")
-        for row in rows:
-            try:
-                req = msgspec.convert(row.params, StreamRequest)
-            except msgspec.ValidationError as exc:  # stored before today's limits
-                await self._store_end(row, row.next_seq, TaskEnd(
-                    STATUS_CAPACITY, f"cannot resume: its stored settings are no longer valid: {exc}"))
-                continue
-            if needs_model(req) and self.analyzer is None:
-                # never run a moderation task unmoderated: it ends, saying why
-                await self._store_end(row, row.next_seq, TaskEnd(
-                    STATUS_CAPACITY, f"node cannot moderate: {self.model_error}"))
-                continue
-            log.warning("resuming task %s at segment %d (%.3f s)", row.id, row.next_seq, row.timeline_end)
-            try:
-                prepared = self._prepare(row, req)
-            except Exception as exc:
-                failure = describe_failure(exc)
-                log.error("task %s: cannot resume: %s", row.id, failure.message)
-                self.metrics.task_failures.labels(failure.reason).inc()
-                end = TaskEnd(STATUS_CAPACITY, f"cannot resume: {failure.message}")
-                self._ended[row.id] = end
-                # In the background: a store that cannot take it yet must not hold the daemon's start.
-                self._background(self._store_end(row, row.next_seq, end), f"task {row.id}: terminal record")
-                continue
-            if prepared.alerts is not None:  # its cooldowns carry on
-                prepared.alerts.restore(await self.store(Store.last_alert_times, row.id))
-            self._run(prepared)
-        return len(rows)
+        dir is not writable) ends with 16 naming why. On a shared store the
+        same happens for this node's own tasks, and for any other node's whose
+        lease ran out (take_over, then every lease renewal)."""
+        return await self.take_over()
+
+    async def _resume(self, row: TaskRow) -> None:
+        """Run a claimed task on from where the store says it got to."""
+        try:
+            req = msgspec.convert(row.params, StreamRequest)
+        except msgspec.ValidationError as exc:  # stored before today's limits
+            await self._store_end(row, row.next_seq, TaskEnd(
+                STATUS_CAPACITY, f"cannot resume: its stored settings are no longer valid: {exc}"))
+            return
+        if needs_model(req) and self.analyzer is None:
+            # never run a moderation task unmoderated: it ends, saying why
+            await self._store_end(row, row.next_seq, TaskEnd(
+                STATUS_CAPACITY, f"node cannot moderate: {self.model_error}"))
+            return
+        log.warning("resuming task %s at segment %d (%.3f s)", row.id, row.next_seq, row.timeline_end)
+        try:
+            prepared = self._prepare(row, req)
+        except Exception as exc:
+            failure = describe_failure(exc)
+            log.error("task %s: cannot resume: %s", row.id, failure.message)
+            self.metrics.task_failures.labels(failure.reason).inc()
+            end = TaskEnd(STATUS_CAPACITY, f"cannot resume: {failure.message}")
+            self._ended[row.id] = end
+            # In the background: a store that cannot take it yet must not hold the daemon's start.
+            self._background(self._store_end(row, row.next_seq, end), f"task {row.id}: terminal record")
+            return
+        if prepared.alerts is not None:  # its cooldowns carry on
+            prepared.alerts.restore(await self.store(Store.last_alert_times, row.id))
+        self._run(prepared)

@@ -1,4 +1,11 @@
-"""Schema migrations, applied in order; PRAGMA user_version records the last one."""
+"""Schema migrations, applied in order; PRAGMA user_version (SQLite) or the
+schema_version table (PostgreSQL) records the last one.
+
+One script serves both databases: write SQLite DDL with the types TEXT,
+INTEGER, REAL and BLOB (store/postgres.py maps them to TEXT, BIGINT, DOUBLE
+PRECISION and BYTEA, `INTEGER PRIMARY KEY AUTOINCREMENT` to an identity
+column, and drops `WITHOUT ROWID`); `ALTER TABLE ... ADD COLUMN` and
+`CREATE INDEX` work on both."""
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: projects, keys, tasks, records
@@ -162,5 +169,25 @@ MIGRATIONS: tuple[str, ...] = (
         embeddings BLOB NOT NULL,      -- float32 [views, dim]
         PRIMARY KEY (image_id, fingerprint)
     );
+    """,
+    # 8: scale-out (issue 14). Task ownership: the node that runs a live task
+    # or a job, the epoch of its claim (fencing token) and its lease; the
+    # nodes of a cluster with their capacity; delivery claims (one sender per
+    # stream across nodes).
+    """
+    ALTER TABLE tasks ADD COLUMN node TEXT;
+    ALTER TABLE tasks ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN lease_until REAL;
+    ALTER TABLE tasks ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;   -- capacity slots (live tasks)
+    CREATE INDEX tasks_owner ON tasks(node, state);
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        max_tasks INTEGER NOT NULL,
+        job_slots INTEGER NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        started_at REAL NOT NULL
+    );
+    ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
+    ALTER TABLE deliveries ADD COLUMN claimed_until REAL;
     """,
 )

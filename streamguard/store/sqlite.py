@@ -101,10 +101,18 @@ class TaskRow:
     created_at: float = 0.0
     started_at: float | None = None
     stopped_at: float | None = None
+    # Ownership (store/leases): the node that runs it, the fencing token of
+    # its claim (+1 at each claim; 0: assigned, not claimed yet), the time its
+    # lease runs out (the owner renews it before), and its capacity slots.
+    node: str | None = None
+    epoch: int = 0
+    lease_until: float | None = None
+    weight: int = 1
 
 
 _TASK_COLS = ("id, project_id, key_id, kind, url, params, state, final_status, final_message, segments, "
-              "flagged_segments, tokens, reconnects, next_seq, timeline_end, created_at, started_at, stopped_at")
+              "flagged_segments, tokens, reconnects, next_seq, timeline_end, created_at, started_at, stopped_at, "
+              "node, epoch, lease_until, weight")
 
 
 def _task(row: tuple) -> TaskRow:
@@ -163,6 +171,40 @@ class KeyRevoked(Exception):
     """The key was revoked (possibly by another process: `streamguard keys revoke`)."""
 
 
+class LeaseLost(Exception):
+    """A write for a task from a claim that is no longer current (its epoch is
+    stale: another node took the task over); nothing was written."""
+
+
+def _fence(epoch: int | None) -> tuple[str, tuple]:
+    """The WHERE clause that refuses a write from a stale claim (none when the caller holds no claim)."""
+    return ("", ()) if epoch is None else (" AND epoch = ?", (epoch,))
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """A node claiming work: its id, the clock it claims by, when its new
+    leases run out, and whether it may take any owner's work (a single node on
+    SQLite: whatever a previous process left is its own)."""
+
+    node: str
+    now: float
+    lease_until: float
+    any_owner: bool = False
+
+    def claimable(self, alias: str = "") -> tuple[str, tuple]:
+        """SQL condition (and its arguments) for a task row this claimant may take."""
+        if self.any_owner:
+            return "1 = 1", ()
+        a = f"{alias}." if alias else ""
+        return (f"({a}node = ? OR {a}node IS NULL OR {a}lease_until IS NULL OR {a}lease_until < ?)",
+                (self.node, self.now))
+
+
+def _claimed(claim: str | None) -> tuple[str, tuple]:
+    return ("", ()) if claim is None else (" AND claimed_by = ?", (claim,))
+
+
 def reads(fn: Callable[..., T]) -> Callable[..., T]:
     """Marks a Store method that only reads: AsyncStore runs it on the reader connection."""
     fn.__streamguard_reads__ = True  # type: ignore[attr-defined]
@@ -210,7 +252,16 @@ _DELIVERY_COLS = ("n, id, event_id, project_id, task_id, url, stream_key, event,
 
 
 class Store:
-    """Synchronous store; use it from one thread (AsyncStore does that)."""
+    """Synchronous store; use it from one thread (AsyncStore does that).
+
+    Its SQL is the one SQL of both backends (store/postgres.py runs these same
+    methods on PostgreSQL): `?` placeholders, portable functions (GREATEST,
+    not two-argument MAX), `ON CONFLICT`/`RETURNING`, columns qualified in
+    upserts, and the row-locking clauses below, which are empty here (a
+    SQLite write transaction already excludes every other writer)."""
+
+    LOCK_ROWS = ""       # PostgreSQL: FOR UPDATE
+    SKIP_LOCKED = ""     # PostgreSQL: FOR UPDATE SKIP LOCKED
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -221,6 +272,11 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
+        # PostgreSQL's GREATEST and LEAST (NULLs ignored), so that one SQL serves both.
+        self.db.create_function("GREATEST", -1, lambda *a: max((x for x in a if x is not None), default=None),
+                                deterministic=True)
+        self.db.create_function("LEAST", -1, lambda *a: min((x for x in a if x is not None), default=None),
+                                deterministic=True)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -381,11 +437,11 @@ class Store:
             self._enqueue(outbox)
 
     def _insert_task(self, task: TaskRow) -> None:
-        self.db.execute(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * 18)})", (
+        self.db.execute(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({', '.join('?' * _TASK_N)})", (
             task.id, task.project_id, task.key_id, task.kind, task.url, json.dumps(task.params), task.state,
             task.final_status, task.final_message, task.segments, task.flagged_segments, task.tokens,
             task.reconnects, task.next_seq, task.timeline_end, task.created_at, task.started_at,
-            task.stopped_at))
+            task.stopped_at, task.node, task.epoch, task.lease_until, task.weight))
 
     @reads
     def task(self, task_id: str, project_id: str | None = None) -> TaskRow | None:
@@ -428,7 +484,7 @@ class Store:
             self.db.execute(
                 "INSERT INTO standalone_jobs (id, project_id, key_id, kind, status, body, tokens, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
-                "body = excluded.body, tokens = tokens + excluded.tokens",
+                "body = excluded.body, tokens = standalone_jobs.tokens + excluded.tokens",
                 (job_id, project_id, key_id, kind, status, body, cost, time.time()))
             self._enqueue(outbox)
 
@@ -533,45 +589,143 @@ class Store:
         return [_task(r) for r in rows]
 
     def set_task_state(self, task_id: str, state: str, *, final_status: int | None = None,
-                       final_message: str | None = None) -> None:
+                       final_message: str | None = None, epoch: int | None = None) -> None:
+        """`epoch`: the caller's claim; a stale one changes nothing."""
         now = time.time()
+        fence, args = _fence(epoch)
         self.db.execute(
             "UPDATE tasks SET state = ?, final_status = COALESCE(?, final_status), "
             "final_message = COALESCE(?, final_message), "
             "started_at = CASE WHEN ? = 'running' AND started_at IS NULL THEN ? ELSE started_at END, "
             "stopped_at = CASE WHEN ? = 'stopped' THEN ? ELSE stopped_at END "
-            "WHERE id = ? AND state != 'stopped'",  # a stopped task never comes back to life
-            (state, final_status, final_message, state, now, state, now, task_id))
+            "WHERE id = ? AND state != 'stopped'" + fence,  # a stopped task never comes back to life
+            (state, final_status, final_message, state, now, state, now, task_id, *args))
 
-    def add_reconnect(self, task_id: str) -> None:
-        self.db.execute("UPDATE tasks SET reconnects = reconnects + 1 WHERE id = ?", (task_id,))
+    def add_reconnect(self, task_id: str, epoch: int | None = None) -> None:
+        fence, args = _fence(epoch)
+        self.db.execute("UPDATE tasks SET reconnects = reconnects + 1 WHERE id = ?" + fence, (task_id, *args))
+
+    # --- cluster: nodes, placement and task leases ---------------------------------------
+    # A live task or a running job is owned by one node through a lease: the
+    # owner renews it; once it runs out any node may claim the task, which
+    # bumps its epoch. Every write for a task names the epoch its writer
+    # claimed (append_record, set_task_state ...), and a stale one is refused:
+    # a node that lost a task writes nothing more for it.
+
+    def heartbeat(self, node: str, max_tasks: int, job_slots: int, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO nodes (id, max_tasks, job_slots, heartbeat_at, started_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET max_tasks = excluded.max_tasks, job_slots = excluded.job_slots, "
+            "heartbeat_at = excluded.heartbeat_at", (node, max_tasks, job_slots, now, now))
+
+    # Each live node's free live-task capacity: its slots less the weights of the live tasks it owns.
+    _FREE = ("SELECT n.id, n.max_tasks - CAST(COALESCE((SELECT SUM(t.weight) FROM tasks t WHERE t.node = n.id "
+             "AND t.kind = 'stream' AND t.state != 'stopped'), 0) AS INTEGER) FROM nodes n WHERE n.heartbeat_at >= ?")
+
+    @reads
+    def free_capacity(self, alive_after: float) -> dict[str, int]:
+        """{node: free capacity slots} of the nodes whose heartbeat is newer than `alive_after`."""
+        return {node: free for node, free in self.db.execute(self._FREE, (alive_after,)).fetchall()}
+
+    def assign_task(self, task: TaskRow, outbox: list[OutboxItem], alive_after: float) -> bool:
+        """Store a task for another node to claim (`task.node`, epoch 0), with
+        its events, if that node is alive and still has room for it; False
+        (nothing stored) otherwise. Placements on one node are serialised."""
+        with self._tx():
+            self.db.execute(f"SELECT id FROM nodes WHERE id = ?{self.LOCK_ROWS}", (task.node,)).fetchall()
+            free = self.db.execute(self._FREE + " AND n.id = ?", (alive_after, task.node)).fetchone()
+            if free is None or free[1] < task.weight:
+                return False
+            self._insert_task(task)
+            self._enqueue(outbox)
+            return True
+
+    def claim_tasks(self, claimant: Claimant, exclude: list[str], room: int | None,
+                    limit: int = 64) -> list[tuple[TaskRow, str | None]]:
+        """Live tasks this node takes now, each with a new epoch and lease:
+        those it owns but does not run (`exclude`: those it runs), those
+        assigned to it, and any whose lease ran out; oldest first, as many as
+        fit in `room` capacity slots (None: all). Each comes with the node
+        that held it before (None: nobody)."""
+        with self._tx():
+            mine, args = claimant.claimable()
+            skip = f" AND id NOT IN ({', '.join('?' * len(exclude))})" if exclude else ""
+            found = self.db.execute(
+                f"SELECT id, node, weight FROM tasks WHERE kind = 'stream' AND state IN ('starting', 'running') "
+                f"AND {mine}{skip} ORDER BY created_at, id LIMIT ?{self.SKIP_LOCKED}",
+                (*args, *exclude, limit)).fetchall()
+            taken: dict[str, str | None] = {}
+            for task_id, node, weight in found:
+                if room is not None:
+                    if weight > room:
+                        continue
+                    room -= weight
+                taken[task_id] = node
+            if not taken:
+                return []
+            marks = ", ".join("?" * len(taken))
+            self.db.execute(f"UPDATE tasks SET node = ?, epoch = epoch + 1, lease_until = ? WHERE id IN ({marks})",
+                            (claimant.node, claimant.lease_until, *taken))
+            rows = self.db.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id IN ({marks}) ORDER BY created_at, id",
+                                   tuple(taken)).fetchall()
+            return [(row, taken[row.id]) for row in map(_task, rows)]
+
+    def claim_task(self, task_id: str, claimant: Claimant) -> TaskRow | None:
+        """Take one live task whatever its lease (a stop asked of a node that
+        does not run it: the terminal record is written under the new epoch,
+        and the old owner's next write is refused). None: not live."""
+        with self._tx():
+            cur = self.db.execute("UPDATE tasks SET node = ?, epoch = epoch + 1, lease_until = ? "
+                                  "WHERE id = ? AND state != 'stopped'", (claimant.node, claimant.lease_until, task_id))
+            return self.task(task_id) if cur.rowcount else None
+
+    def renew_leases(self, node: str, task_ids: list[str], lease_until: float) -> dict[str, int]:
+        """Extend this node's leases on the tasks and jobs it runs; {id: epoch}
+        of those still its own (one missing, or with another epoch, was taken over)."""
+        if not task_ids:
+            return {}
+        marks = ", ".join("?" * len(task_ids))
+        rows = self.db.execute(f"UPDATE tasks SET lease_until = ? WHERE node = ? AND id IN ({marks}) "
+                               "RETURNING id, epoch", (lease_until, node, *task_ids)).fetchall()
+        return {task_id: epoch for task_id, epoch in rows}
+
+    def release_task(self, task_id: str, epoch: int) -> None:
+        """Give a claimed task up at once (its lease ends now): any node may take it."""
+        self.db.execute("UPDATE tasks SET lease_until = 0 WHERE id = ? AND epoch = ?", (task_id, epoch))
 
     # --- records ----------------------------------------------------------------
 
     def append_record(self, task_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int = 0,
                       flagged: bool = False, timeline_end: float | None = None,
-                      outbox: list[OutboxItem] = (), final_state: tuple[int, str] | None = None) -> None:  # type: ignore[assignment]
+                      outbox: list[OutboxItem] = (),  # type: ignore[assignment]
+                      final_state: tuple[int, str] | None = None, epoch: int | None = None) -> None:
         """Store one record, charge its cost to the key and queue its deliveries,
         atomically (a terminal record also closes the task: `final_state`).
         Raises InsufficientBalance or KeyRevoked (and stores nothing) when the
-        key cannot pay or was revoked."""
+        key cannot pay or was revoked, LeaseLost when `epoch` is no longer the
+        task's (another node took it over)."""
         with self._tx():
             self._append_record(task_id, key_id, seq, status, body, cost=cost, flagged=flagged,
-                                timeline_end=timeline_end, outbox=outbox, final_state=final_state)
+                                timeline_end=timeline_end, outbox=outbox, final_state=final_state, epoch=epoch)
 
     def _append_record(self, task_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int,
                        flagged: bool, timeline_end: float | None, outbox: list[OutboxItem],
-                       final_state: tuple[int, str] | None) -> None:
+                       final_state: tuple[int, str] | None, epoch: int | None = None) -> None:
+        # The task's row first: it is locked from here to the commit, so a
+        # takeover (which bumps the epoch on this row) is wholly before or after.
+        fence, args = _fence(epoch)
+        cur = self.db.execute(
+            "UPDATE tasks SET next_seq = GREATEST(next_seq, ? + 1), tokens = tokens + ?, "
+            "segments = segments + ?, flagged_segments = flagged_segments + ?, "
+            "timeline_end = COALESCE(?, timeline_end) WHERE id = ?" + fence,
+            (seq, cost, 1 if status in (0, -1) else 0, int(flagged), timeline_end, task_id, *args))
+        if epoch is not None and cur.rowcount == 0:
+            raise LeaseLost(task_id)
         if final_state is None and self._revoked(key_id):  # a terminal record is stored all the same
             raise KeyRevoked(key_id)
         self._charge(key_id, cost)
         self.db.execute("INSERT INTO records (task_id, seq, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
                         (task_id, seq, status, body, time.time()))
-        self.db.execute(
-            "UPDATE tasks SET next_seq = MAX(next_seq, ? + 1), tokens = tokens + ?, "
-            "segments = segments + ?, flagged_segments = flagged_segments + ?, "
-            "timeline_end = COALESCE(?, timeline_end) WHERE id = ?",
-            (seq, cost, 1 if status in (0, -1) else 0, int(flagged), timeline_end, task_id))
         self._enqueue(outbox)
         if final_state is not None:
             self.set_task_state(task_id, "stopped", final_status=final_state[0], final_message=final_state[1])
@@ -600,21 +754,33 @@ class Store:
                                  "t.created_at DESC, t.id", page, page_size)
         return [_job(r) for r in rows], total
 
-    def runnable_jobs(self, exclude: list[str], limit: int) -> list[JobRow]:
-        """The queue's head: jobs left PROCESSING by a previous process (they
-        run again) before PENDING ones, each oldest first; `exclude`: running here."""
+    def runnable_jobs(self, exclude: list[str], limit: int, claimant: Claimant) -> list[JobRow]:
+        """The queue's head: jobs left PROCESSING by a node that is gone (its
+        lease ran out, or it is this node, restarted: they run again) before
+        PENDING ones, each oldest first; `exclude`: running here."""
         marks = ", ".join("?" * len(exclude))
         skip = f"AND t.id NOT IN ({marks}) " if exclude else ""
+        mine, args = claimant.claimable("t")
         rows = self.db.execute(
-            _JOB_SELECT + f"WHERE j.status IN ('PROCESSING', 'PENDING') {skip}"
-            "ORDER BY j.status = 'PENDING', t.created_at, t.id LIMIT ?", [*exclude, limit]).fetchall()
+            _JOB_SELECT + f"WHERE (j.status = 'PENDING' OR j.status = 'PROCESSING' AND {mine}) {skip}"
+            "ORDER BY j.status = 'PENDING', t.created_at, t.id LIMIT ?", [*args, *exclude, limit]).fetchall()
         return [_job(r) for r in rows]
 
-    def claim_job(self, job_id: str, events: JobEvents) -> JobRow | None:
-        """PENDING (or PROCESSING, run again) -> PROCESSING, one more attempt;
-        the first attempt also queues `events` (video.conversion.started) in
-        the same transaction. None if the job is no longer runnable (cancelled)."""
+    def claim_job(self, job_id: str, events: JobEvents, claimant: Claimant) -> JobRow | None:
+        """PENDING (or PROCESSING by a node that is gone, run again) -> PROCESSING
+        on this node with a new lease and epoch, one more attempt; the first
+        attempt also queues `events` (video.conversion.started) in the same
+        transaction. None if the job is no longer runnable (cancelled, or
+        another node claimed it first)."""
         with self._tx():
+            mine, args = claimant.claimable()
+            # The task row first: concurrent claims serialise on it, the later one sees the new lease.
+            cur = self.db.execute(
+                "UPDATE tasks SET node = ?, epoch = epoch + 1, lease_until = ? WHERE id = ? AND state != 'stopped' "
+                f"AND ({mine} OR id IN (SELECT id FROM jobs WHERE id = ? AND status = 'PENDING'))",
+                (claimant.node, claimant.lease_until, job_id, *args, job_id))
+            if cur.rowcount == 0:
+                return None
             cur = self.db.execute("UPDATE jobs SET status = 'PROCESSING', attempts = attempts + 1 "
                                   "WHERE id = ? AND status IN ('PENDING', 'PROCESSING')", (job_id,))
             if cur.rowcount == 0:
@@ -628,19 +794,21 @@ class Store:
 
     def append_job_record(self, job_id: str, key_id: str, seq: int, status: int, body: bytes, *, cost: int,
                           video_tokens: int, text_tokens: int, flagged: bool, timeline_end: float | None,
-                          progress: float, outbox: list[OutboxItem]) -> None:
+                          progress: float, outbox: list[OutboxItem], epoch: int | None = None) -> None:
         """A job's segment record: stored, charged, queued for delivery and the
         job's progress and tokens moved, in one transaction (append_record's rules)."""
         with self._tx():
             self._append_record(job_id, key_id, seq, status, body, cost=cost, flagged=flagged,
-                                timeline_end=timeline_end, outbox=outbox, final_state=None)
-            self.db.execute("UPDATE jobs SET progress = MAX(progress, ?), video_tokens = video_tokens + ?, "
+                                timeline_end=timeline_end, outbox=outbox, final_state=None, epoch=epoch)
+            self.db.execute("UPDATE jobs SET progress = GREATEST(progress, ?), video_tokens = video_tokens + ?, "
                             "text_tokens = text_tokens + ? WHERE id = ?",
                             (progress, video_tokens, text_tokens, job_id))
 
     def cancel_job(self, job_id: str, project_id: str) -> tuple[JobRow, bool] | None:
         """(the job, whether it was cancelled now): only a PENDING job is. None: no such job."""
         with self._tx():
+            # The task row first, as claim_job locks it: the two never wait on each other crosswise.
+            self.db.execute(f"SELECT id FROM tasks WHERE id = ?{self.LOCK_ROWS}", (job_id,)).fetchall()
             row = self.job(job_id, project_id)
             if row is None or row.status != "PENDING":
                 return None if row is None else (row, False)
@@ -653,11 +821,16 @@ class Store:
 
     def finish_job(self, job_id: str, status: str, events: JobEvents, *, outputs: list[str] | None = None,
                    duration: float | None = None, summary: dict[str, Any] | None = None,
-                   error_code: str | None = None, error_message: str | None = None) -> JobRow | None:
+                   error_code: str | None = None, error_message: str | None = None,
+                   epoch: int | None = None) -> JobRow | None:
         """PROCESSING -> COMPLETED or FAILED with its results, and `events`
         (video.conversion.completed/failed) queued, in one transaction. A job
-        finishes once: None if it was not PROCESSING."""
+        finishes once: None if it was not PROCESSING; LeaseLost if `epoch` is stale."""
         with self._tx():
+            fence, args = _fence(epoch)
+            if fence and self.db.execute("UPDATE tasks SET lease_until = lease_until WHERE id = ?" + fence,
+                                         (job_id, *args)).rowcount == 0:
+                raise LeaseLost(job_id)
             cur = self.db.execute(
                 "UPDATE jobs SET status = ?, progress = CASE WHEN ? = 'COMPLETED' THEN 1.0 ELSE progress END, "
                 "outputs = ?, duration = ?, summary = ?, error_code = ?, error_message = ?, completed_at = ? "
@@ -686,33 +859,58 @@ class Store:
         with self._tx():
             self._enqueue(items)
 
-    def due_deliveries(self, now: float, limit: int, busy_keys: set[str]) -> list[DeliveryRow]:
+    def due_deliveries(self, now: float, limit: int, busy_keys: set[str],
+                       claim: tuple[str, float] | None = None) -> list[DeliveryRow]:
         """Pending deliveries that are due and first in line for their stream
-        (task x destination): order within a stream is never broken."""
+        (task x destination): order within a stream is never broken. With
+        `claim` (token, until: several nodes send from one outbox) each row
+        returned is claimed until then, and rows another sender claims are
+        skipped: one sender per stream across the cluster."""
+        if claim is None:
+            return self._due(now, limit, busy_keys, "", "")
+        with self._tx():
+            due = self._due(now, limit, busy_keys, " AND (claimed_until IS NULL OR claimed_until < ?)",
+                            self.SKIP_LOCKED, now)
+            if due:
+                self.db.execute(f"UPDATE deliveries SET claimed_by = ?, claimed_until = ? "
+                                f"WHERE n IN ({', '.join('?' * len(due))})", (*claim, *(r.n for r in due)))
+            return due
+
+    def _due(self, now: float, limit: int, busy_keys: set[str], free: str, lock: str,
+             *args: Any) -> list[DeliveryRow]:
         rows = self.db.execute(
-            f"SELECT {_DELIVERY_COLS} FROM deliveries d WHERE status = 'pending' AND next_attempt_at <= ? "
+            f"SELECT {_DELIVERY_COLS} FROM deliveries d WHERE status = 'pending' AND next_attempt_at <= ?{free} "
             "AND n = (SELECT MIN(n) FROM deliveries e WHERE e.stream_key = d.stream_key AND e.status = 'pending') "
-            "ORDER BY next_attempt_at, n LIMIT ?", (now, limit + len(busy_keys))).fetchall()
+            f"ORDER BY next_attempt_at, n LIMIT ?{lock}", (now, *args, limit + len(busy_keys))).fetchall()
         out = [DeliveryRow(*r) for r in rows]
         return [r for r in out if r.stream_key not in busy_keys][:limit]
+
+    def release_claims(self, prefix: str) -> None:
+        """At start: deliveries a previous process of this node had claimed go out again at once."""
+        self.db.execute("UPDATE deliveries SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by LIKE ?",
+                        (prefix + "%",))
 
     def next_due(self) -> float | None:
         row = self.db.execute("SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'").fetchone()
         return row[0]
 
-    def delivery_done(self, delivery_id: str, status_code: int) -> None:
+    def delivery_done(self, delivery_id: str, status_code: int, claim: str | None = None) -> None:
+        """`claim`: the sender's token; a claim that ran out and was taken by another sender changes nothing."""
+        fence, args = _claimed(claim)
         self.db.execute("UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, "
-                        "last_status_code = ?, last_error = NULL WHERE id = ?", (time.time(), status_code,
-                                                                               delivery_id))
+                        "last_status_code = ?, last_error = NULL, claimed_by = NULL, claimed_until = NULL "
+                        "WHERE id = ?" + fence, (time.time(), status_code, delivery_id, *args))
 
     def delivery_failed_attempt(self, delivery_id: str, error: str, status_code: int | None,
-                                next_attempt_at: float | None) -> None:
+                                next_attempt_at: float | None, claim: str | None = None) -> None:
         """Count a failed attempt; None for next_attempt_at means give up (failed)."""
+        fence, args = _claimed(claim)
         self.db.execute(
             "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, last_status_code = ?, "
             "status = CASE WHEN ? IS NULL THEN 'failed' ELSE 'pending' END, "
-            "next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
-            (error, status_code, next_attempt_at, next_attempt_at, delivery_id))
+            "next_attempt_at = COALESCE(?, next_attempt_at), claimed_by = NULL, claimed_until = NULL "
+            "WHERE id = ?" + fence,
+            (error, status_code, next_attempt_at, next_attempt_at, delivery_id, *args))
 
     @reads
     def deliveries(self, project_id: str, status: str | None, page: int,
@@ -785,11 +983,14 @@ class Store:
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    """`begin`: SQLite takes the write lock at once (IMMEDIATE); PostgreSQL locks rows as it goes."""
+
+    def __init__(self, db: Any, begin: str = "BEGIN IMMEDIATE") -> None:
         self.db = db
+        self.begin = begin
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute(self.begin)
 
     def __exit__(self, exc_type, *_: Any) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
@@ -822,3 +1023,7 @@ class AsyncStore:
         if self._reader is not None:
             self._reader.close()
         self.sync.close()
+
+    async def aclose(self) -> None:
+        """PgAsyncStore's interface: both close the same way from the runtime."""
+        self.close()
