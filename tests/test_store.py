@@ -142,3 +142,43 @@ def test_an_unreachable_database_is_one_clear_line_without_its_password(cli, tmp
     assert "Traceback" not in res.stderr
     bad = cli("keys", "create", "--project", "acme", env={"STREAMGUARD_STORAGE__DATABASE_URL": "mysql://x"})
     assert bad.returncode == 1 and "storage.database_url must be empty (SQLite) or a postgresql:// URL" in bad.stderr
+
+
+def test_logo_gallery_rows_and_cached_embeddings(store):
+    """The gallery's SQL (issue 12) on both databases: add to a logo by name,
+    limits, per-model embedding cache (upsert), project scope, delete."""
+    _, a = store.create_key("acme")
+    _, b = store.create_key("other")
+    blob = b"\x00" * 16
+    logo = store.add_logo_image(a.project_id, "Blue", [("img_1", "logos/p/img_1.png", blob)], "fp1", 4,
+                                max_logos=2, max_images=2)
+    assert store.add_logo_image(a.project_id, "Blue", [("img_2", "logos/p/img_2.png", blob)], "fp1", 4,
+                                max_logos=2, max_images=2) == logo  # same name: same logo
+    assert store.add_logo_image(a.project_id, "Blue", [("img_3", "p3", blob)], "fp1", 4,
+                                max_logos=2, max_images=2) is None  # past max_images, nothing written
+    rows, total = store.logos(a.project_id, 1, 10)
+    assert total == 1 and [i for i, _ in rows[0][3]] == ["img_1", "img_2"]
+    assert store.logos(b.project_id, 1, 10) == ([], 0)
+    assert [r[4] for r in store.gallery(a.project_id, "fp2")] == [None, None]  # not cached for a new model
+    store.save_logo_embeddings([("img_1", "fp2", 4, b"\x01" * 16), ("img_gone", "fp2", 4, blob)])
+    store.save_logo_embeddings([("img_1", "fp2", 4, b"\x02" * 16)])  # recomputed: replaced
+    assert [bytes(r[4]) if r[4] is not None else None for r in store.gallery(a.project_id, "fp2")] == \
+        [b"\x02" * 16, None]
+    assert store.logo_counts() == {a.project_id: 1}
+    assert store.delete_logo(logo, b.project_id) is None
+    assert sorted(store.delete_logo(logo, a.project_id)) == ["logos/p/img_1.png", "logos/p/img_2.png"]
+    assert store.logos(a.project_id, 1, 10) == ([], 0)
+
+
+def test_alerts_list_after_a_cursor_and_keep_cooldowns(store):
+    """Frame alerts (issue 15) on both databases: stored with their outbox
+    rows, listed after a cursor per project and task, latest time per category."""
+    _, info = store.create_key("acme")
+    row = task(store, info.id, info.project_id)
+    store.add_alerts(row.id, info.project_id, [("evt_1", "violence", 1.0, b"{}"), ("evt_2", "weapons", 2.0, b"{}")],
+                     [OutboxItem("evt_1", info.project_id, row.id, "http://x/hook", "stream.alert", b"{}")])
+    store.add_alerts(row.id, info.project_id, [("evt_3", "violence", 12.5, b"{}")], [])
+    listed = store.alerts(info.project_id, row.id, -1, 10)
+    assert [e for _, e, _, _ in listed] == ["evt_1", "evt_2", "evt_3"]
+    assert [e for _, e, _, _ in store.alerts(info.project_id, None, listed[0][0], 10)] == ["evt_2", "evt_3"]
+    assert store.last_alert_times(row.id) == {"violence": 12.5, "weapons": 2.0}

@@ -578,8 +578,10 @@ class Store:
     def save_logo_embeddings(self, rows: list[tuple[str, str, int, bytes]]) -> None:
         """(image id, fingerprint, dim, embeddings): cached for a model."""
         with self._tx():
-            self.db.executemany("INSERT OR REPLACE INTO logo_embeddings (image_id, fingerprint, dim, embeddings) "
-                                "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM logo_images WHERE id = ?)",
+            self.db.executemany("INSERT INTO logo_embeddings (image_id, fingerprint, dim, embeddings) "
+                                "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM logo_images WHERE id = ?) "
+                                "ON CONFLICT (image_id, fingerprint) "
+                                "DO UPDATE SET dim = excluded.dim, embeddings = excluded.embeddings",
                                 [(i, f, d, b, i) for i, f, d, b in rows])
 
     def tasks_in_state(self, *states: str, kind: str = "stream") -> list[TaskRow]:
