@@ -8,7 +8,7 @@ import pytest
 
 from streamguard.store import AsyncStore, Store
 from streamguard.store.migrations import MIGRATIONS
-from streamguard.store.sqlite import InsufficientBalance, KeyRevoked, OutboxItem, TaskRow, hash_key
+from streamguard.store.sqlite import InsufficientBalance, KeyRevoked, LeaseLost, OutboxItem, TaskRow, hash_key
 
 
 @pytest.fixture
@@ -182,3 +182,18 @@ def test_alerts_list_after_a_cursor_and_keep_cooldowns(store):
     assert [e for _, e, _, _ in listed] == ["evt_1", "evt_2", "evt_3"]
     assert [e for _, e, _, _ in store.alerts(info.project_id, None, listed[0][0], 10)] == ["evt_2", "evt_3"]
     assert store.last_alert_times(row.id) == {"violence": 12.5, "weapons": 2.0}
+
+
+def test_an_alert_from_a_stale_claim_is_refused(store):
+    """A node that lost a task (stale epoch) stores no alert and sends none."""
+    _, info = store.create_key("acme")
+    row = task(store, info.id, info.project_id)
+    with store._tx():  # another node took it over
+        store.db.execute("UPDATE tasks SET epoch = 2 WHERE id = ?", (row.id,))
+    with pytest.raises(LeaseLost):
+        store.add_alerts(row.id, info.project_id, [("evt_old", "violence", 1.0, b"{}")],
+                         [OutboxItem("evt_old", info.project_id, row.id, "http://x/hook", "stream.alert", b"{}")],
+                         epoch=1)
+    store.add_alerts(row.id, info.project_id, [("evt_new", "violence", 1.0, b"{}")], [], epoch=2)
+    assert [e for _, e, _, _ in store.alerts(info.project_id, row.id, -1, 10)] == ["evt_new"]
+    assert store.outbox_stats()[0] == 0

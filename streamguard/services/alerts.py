@@ -57,7 +57,8 @@ def store_alerts(store: Store, row: TaskRow, alerts: list[Alert]) -> None:
     outbox = [item for event_id, _, _, _, body in alerts
               for item in outbox_items(project, row.id, callback, ALERT_EVENT, body, event_id,
                                        stream=f"{row.id}/{ALERT_STREAM}")]
-    store.add_alerts(row.id, row.project_id, [(e, c, t, data) for e, c, t, data, _ in alerts], outbox)
+    store.add_alerts(row.id, row.project_id, [(e, c, t, data) for e, c, t, data, _ in alerts], outbox,
+                     epoch=row.epoch)
 
 
 class AlertWatcher:

@@ -941,11 +941,18 @@ class Store:
     # --- frame-level alerts ------------------------------------------------------------
 
     def add_alerts(self, task_id: str, project_id: str, alerts: list[tuple[str, str, float, bytes]],
-                   outbox: list[OutboxItem]) -> None:
+                   outbox: list[OutboxItem], epoch: int | None = None) -> None:
         """Alerts (event_id, category, timeline seconds, data) and their
-        deliveries in one transaction."""
+        deliveries in one transaction; LeaseLost (nothing written) when
+        `epoch` is stale, like a record: a node that lost the task sends no
+        alert for it."""
         now = time.time()
         with self._tx():
+            if epoch is not None:  # the task's row locked and checked first, as for a record
+                fence, args = _fence(epoch)
+                if self.db.execute("UPDATE tasks SET epoch = epoch WHERE id = ?" + fence,
+                                   (task_id, *args)).rowcount == 0:
+                    raise LeaseLost(task_id)
             self.db.executemany(
                 "INSERT INTO alerts (task_id, project_id, event_id, category, time, body, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
